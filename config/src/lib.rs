@@ -1,0 +1,280 @@
+//! vmbox's configuration: one TOML file, `/etc/vmbox/config.toml` unless the environment
+//! variable `VMBOX_CONFIG` names another. A missing default file means "all defaults"; a
+//! file named by `VMBOX_CONFIG` must exist. Unknown keys and out-of-range values are
+//! errors that name the key: a typo must never silently fall back to a default.
+//!
+//! `config/vmbox.toml` in the repository documents every key with its default.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default location of the configuration file.
+pub const DEFAULT_PATH: &str = "/etc/vmbox/config.toml";
+/// Environment variable that overrides [`DEFAULT_PATH`].
+pub const ENV_VAR: &str = "VMBOX_CONFIG";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read vmbox config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid vmbox config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid vmbox config {path}: `{key}` = {value}: {reason}")]
+    Value {
+        path: PathBuf,
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accelerator {
+    /// KVM when the host has usable hardware virtualization, TCG otherwise.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// How host and guest reach each other over vsock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VsockBackend {
+    /// The kernel's vhost-vsock when /dev/vhost-vsock exists, else vhost-user.
+    Auto,
+    /// A vhost-user daemon (vhost-device-vsock) with a hybrid unix socket.
+    VhostUser,
+    /// The kernel's vhost-vsock device (/dev/vhost-vsock) and AF_VSOCK on the host.
+    Kernel,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// error, warn, info, debug or trace.
+    pub log_level: String,
+    /// Where sandboxes keep their sockets, logs and shared directories.
+    pub state_dir: PathBuf,
+    pub vm: VmConfig,
+    pub binaries: Binaries,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub accelerator: Accelerator,
+    pub vsock: VsockBackend,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Extra kernel command-line parameters, appended after vmbox's own.
+    pub kernel_params: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Binaries {
+    /// Bare names are looked up in PATH.
+    pub qemu: PathBuf,
+    pub virtiofsd: PathBuf,
+    pub vhost_device_vsock: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// From QEMU's start to the agent's hello.
+    pub boot_ms: u64,
+    /// Default for one agent RPC that does not block by design.
+    pub rpc_ms: u64,
+    /// Between SIGTERM and SIGKILL when containers are stopped.
+    pub grace_period_ms: u64,
+    /// For the whole graceful shutdown of a VM, after which it is stopped hard.
+    pub shutdown_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            log_level: "info".into(),
+            state_dir: PathBuf::from("/run/vmbox"),
+            vm: VmConfig::default(),
+            binaries: Binaries::default(),
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            kernel: PathBuf::from("/usr/share/vmbox/vmlinuz"),
+            initramfs: PathBuf::from("/usr/share/vmbox/initramfs.img"),
+            accelerator: Accelerator::Auto,
+            vsock: VsockBackend::Auto,
+            vcpus: 1,
+            memory_mib: 256,
+            kernel_params: String::new(),
+        }
+    }
+}
+
+impl Default for Binaries {
+    fn default() -> Self {
+        Binaries {
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            virtiofsd: PathBuf::from("virtiofsd"),
+            vhost_device_vsock: PathBuf::from("vhost-device-vsock"),
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { boot_ms: 30_000, rpc_ms: 10_000, grace_period_ms: 5_000, shutdown_ms: 15_000 }
+    }
+}
+
+/// Bounds that config values and annotation overrides must stay within.
+pub const MAX_VCPUS: u32 = 64;
+pub const MIN_MEMORY_MIB: u32 = 64;
+pub const MAX_MEMORY_MIB: u32 = 256 * 1024;
+
+impl Config {
+    /// Loads the file `VMBOX_CONFIG` names, else [`DEFAULT_PATH`] if it exists, else defaults.
+    pub fn load() -> Result<Config, ConfigError> {
+        match std::env::var_os(ENV_VAR) {
+            Some(p) => Config::from_file(Path::new(&p)),
+            None if Path::new(DEFAULT_PATH).exists() => Config::from_file(Path::new(DEFAULT_PATH)),
+            None => Ok(Config::default()),
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Parses and validates; `path` only names the source in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, value: String, reason: String| ConfigError::Value {
+            path: path.to_path_buf(),
+            key,
+            value,
+            reason,
+        };
+        if !matches!(self.log_level.as_str(), "error" | "warn" | "info" | "debug" | "trace") {
+            return Err(bad("log_level", format!("{:?}", self.log_level), "expected error, warn, info, debug or trace".into()));
+        }
+        if !(1..=MAX_VCPUS).contains(&self.vm.vcpus) {
+            return Err(bad("vm.vcpus", self.vm.vcpus.to_string(), format!("expected 1 to {MAX_VCPUS}")));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.vm.memory_mib) {
+            return Err(bad(
+                "vm.memory_mib",
+                self.vm.memory_mib.to_string(),
+                format!("expected {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB}"),
+            ));
+        }
+        for (key, v) in [
+            ("timeouts.boot_ms", self.timeouts.boot_ms),
+            ("timeouts.rpc_ms", self.timeouts.rpc_ms),
+            ("timeouts.shutdown_ms", self.timeouts.shutdown_ms),
+        ] {
+            if !(100..=3_600_000).contains(&v) {
+                return Err(bad(key, v.to_string(), "expected 100 to 3600000 (milliseconds)".into()));
+            }
+        }
+        if self.timeouts.grace_period_ms > 3_600_000 {
+            return Err(bad(
+                "timeouts.grace_period_ms",
+                self.timeouts.grace_period_ms.to_string(),
+                "expected at most 3600000 (milliseconds)".into(),
+            ));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(bad("state_dir", self.state_dir.display().to_string(), "must be an absolute path".into()));
+        }
+        if self.vm.kernel_params.contains("vmbox.") {
+            return Err(bad(
+                "vm.kernel_params",
+                format!("{:?}", self.vm.kernel_params),
+                "vmbox.* parameters are set by vmbox itself".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn documented_example_parses_to_the_defaults() {
+        let text = include_str!("../vmbox.toml");
+        assert_eq!(parse(text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("[vm]\nmemry_mib = 512\n").unwrap_err().to_string();
+        assert!(err.contains("memry_mib"), "{err}");
+        let err = parse("bogus = 1\n").unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = parse("[vm]\nvcpus = 0\n").unwrap_err().to_string();
+        assert!(err.contains("vm.vcpus"), "{err}");
+        let err = parse("[vm]\nmemory_mib = 1048576\n").unwrap_err().to_string();
+        assert!(err.contains("vm.memory_mib"), "{err}");
+        let err = parse("[vm]\naccelerator = \"hvf\"\n").unwrap_err().to_string();
+        assert!(err.contains("accelerator") && err.contains("hvf"), "{err}");
+        let err = parse("log_level = \"loud\"\n").unwrap_err().to_string();
+        assert!(err.contains("log_level"), "{err}");
+        let err = parse("[timeouts]\nboot_ms = 1\n").unwrap_err().to_string();
+        assert!(err.contains("timeouts.boot_ms"), "{err}");
+    }
+
+    #[test]
+    fn overrides_apply() {
+        let c = parse("[vm]\naccelerator = \"tcg\"\nvcpus = 2\nvsock = \"vhost-user\"\n").unwrap();
+        assert_eq!(c.vm.accelerator, Accelerator::Tcg);
+        assert_eq!(c.vm.vcpus, 2);
+        assert_eq!(c.vm.vsock, VsockBackend::VhostUser);
+    }
+
+    #[test]
+    fn missing_file_named_by_env_is_an_error_naming_it() {
+        let err = Config::from_file(Path::new("/nonexistent/vmbox.toml")).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/vmbox.toml"), "{err}");
+    }
+}

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Builds the vmbox guest kernel (bzImage) from Debian's linux-source-6.1 and the fragment
+# guest/kernel.config, into a cache outside the repository keyed on both, so a second run
+# only copies the cached file.
+#   usage: guest/build-kernel.sh OUT_BZIMAGE
+# Env: VMBOX_CACHE (default /var/cache/vmbox), JOBS (default nproc).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:?usage: build-kernel.sh OUT_BZIMAGE}
+cache=${VMBOX_CACHE:-/var/cache/vmbox}
+src_tar=/usr/src/linux-source-6.1.tar.xz
+[ -f "$src_tar" ] || { echo "build-kernel: $src_tar missing: apt-get install linux-source-6.1" >&2; exit 1; }
+src_ver=$(dpkg-query -W -f='${Version}' linux-source-6.1 2>/dev/null || stat -c %Y "$src_tar")
+key=$( (echo "$src_ver"; cat "$here/kernel.config") | sha256sum | cut -c1-16)
+cached="$cache/kernel-$key/bzImage"
+if [ -f "$cached" ]; then
+  install -D -m 0644 "$cached" "$out"
+  echo "build-kernel: cached $cached"
+  exit 0
+fi
+work="$cache/kernel-$key/build"
+rm -rf "$work"; mkdir -p "$work"
+echo "build-kernel: unpacking $src_tar into $work"
+tar -C "$work" -xJf "$src_tar"
+ksrc=$(echo "$work"/linux-source-6.1)
+cd "$ksrc"
+make -s tinyconfig
+scripts/kconfig/merge_config.sh -m .config "$here/kernel.config" >/dev/null
+make -s olddefconfig
+# Every option the fragment asks for must have survived olddefconfig.
+missing=0
+while IFS= read -r line; do
+  case "$line" in CONFIG_*=y) ;; *) continue ;; esac
+  grep -qx "$line" .config || { echo "build-kernel: $line did not stick after olddefconfig" >&2; missing=1; }
+done < "$here/kernel.config"
+[ "$missing" = 0 ] || exit 1
+echo "build-kernel: building bzImage with ${JOBS:-$(nproc)} jobs"
+make -s -j"${JOBS:-$(nproc)}" bzImage
+install -D -m 0644 arch/x86/boot/bzImage "$cached"
+cp .config "$cache/kernel-$key/config"
+cd /; rm -rf "$work"
+install -D -m 0644 "$cached" "$out"
+echo "build-kernel: built $cached"

@@ -1,0 +1,59 @@
+//! The vmbox host <-> guest agent protocol.
+//!
+//! - `agent` / `agent_ttrpc`: messages and the ttrpc `Agent` service (client and server),
+//!   generated at build time from `protos/agent.proto`.
+//! - [`hello`]: the one length-prefixed message the agent sends when it is ready.
+//! - [`stream`]: the header that names a stdio stream when the host opens it.
+//!
+//! Both sides treat the other as a peer that may misbehave: every frame read here has a
+//! size bound, so a broken guest cannot make the host allocate without limit.
+
+#[allow(warnings, clippy::all)]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/gen/agent.rs"));
+}
+#[allow(warnings, clippy::all)]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/gen/agent_ttrpc.rs"));
+}
+
+pub mod hello;
+pub mod stream;
+
+/// Bumped on every incompatible change of the protocol; host and guest must agree.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Guest vsock port the host listens on for the agent's hello (guest dials CID 2).
+pub const HELLO_PORT: u32 = 1024;
+/// Guest vsock port of the agent's ttrpc server.
+pub const AGENT_PORT: u32 = 1025;
+/// Guest vsock port on which the agent accepts stdio streams.
+pub const STDIO_PORT: u32 = 1026;
+
+/// Errors of the framing in this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("i/o error on the {what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("malformed {what}: {detail}")]
+    Malformed { what: &'static str, detail: String },
+    #[error(
+        "protocol version mismatch: host speaks {host}, guest agent {agent_version} speaks {guest}; \
+         rebuild the guest (make guest) so both come from the same vmbox"
+    )]
+    VersionMismatch {
+        host: u32,
+        guest: u32,
+        agent_version: String,
+    },
+}
