@@ -23,7 +23,8 @@ pub mod stream;
 /// Bumped on every incompatible change of the protocol; host and guest must agree.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Guest vsock port the host listens on for the agent's hello (guest dials CID 2).
+/// Default host vsock port for the agent's hello (guest dials CID 2); the host picks
+/// one per VM and passes it as `vmbox.hello_port=`.
 pub const HELLO_PORT: u32 = 1024;
 /// Guest vsock port of the agent's ttrpc server.
 pub const AGENT_PORT: u32 = 1025;

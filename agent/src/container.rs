@@ -1,0 +1,421 @@
+//! Containers and their processes inside the guest: the state the agent keeps, and the
+//! operations the service maps its requests onto.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::sync::{watch, Mutex};
+use tokio::task::JoinHandle;
+use vmbox_protocol::agent::Stdio;
+
+use crate::cgroup;
+use crate::engine::{Engine, Request};
+use crate::fdio::{pump, FdIo};
+use crate::reaper::{Exit, Reaper};
+use crate::streams::Streams;
+use crate::AgentError;
+
+/// Where the host's shared directory (virtio-fs) is mounted in the guest.
+pub const SHARED_MOUNT: &str = "/run/vmbox/shared";
+const BUNDLES: &str = "/run/vmbox/bundles";
+const CONSOLES: &str = "/run/vmbox/console";
+/// How long a request waits for the stdio streams it names.
+const STREAM_WAIT: Duration = Duration::from_secs(10);
+
+pub struct Process {
+    pub pid: i32,
+    exit: watch::Receiver<Option<Exit>>,
+    pty_master: Option<Arc<OwnedFd>>,
+    io: Vec<JoinHandle<()>>,
+}
+
+impl Process {
+    fn new(pid: i32, reaper: &Reaper, stdio: PreparedStdio) -> Process {
+        let (tx, rx) = watch::channel(None);
+        let exited = reaper.watch(pid);
+        tokio::spawn(async move {
+            if let Ok(exit) = exited.await {
+                let _ = tx.send(Some(exit));
+            }
+        });
+        Process { pid, exit: rx, pty_master: stdio.pty_master, io: stdio.io }
+    }
+
+    pub fn exit_watch(&self) -> watch::Receiver<Option<Exit>> {
+        self.exit.clone()
+    }
+
+    pub fn exited(&self) -> Option<Exit> {
+        *self.exit.borrow()
+    }
+
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        for t in &self.io {
+            t.abort();
+        }
+    }
+}
+
+pub struct Container {
+    pub id: String,
+    pub init: Process,
+    pub execs: HashMap<String, Process>,
+}
+
+impl Container {
+    pub fn process(&self, exec_id: &str) -> Result<&Process, AgentError> {
+        if exec_id.is_empty() {
+            return Ok(&self.init);
+        }
+        self.execs.get(exec_id).ok_or_else(|| AgentError::NotFound(format!("exec {exec_id} of container {}", self.id)))
+    }
+}
+
+/// Every container of the guest.
+#[derive(Clone)]
+pub struct Containers {
+    pub map: Arc<Mutex<HashMap<String, Container>>>,
+    pub reaper: Reaper,
+    engine: Engine,
+    streams: Streams,
+}
+
+struct PreparedStdio {
+    /// What the helper passes to libcontainer (stdin, stdout, stderr); empty for a tty.
+    child_fds: Vec<OwnedFd>,
+    console_socket: Option<PathBuf>,
+    console: Option<JoinHandle<Result<OwnedFd, AgentError>>>,
+    pty_master: Option<Arc<OwnedFd>>,
+    io: Vec<JoinHandle<()>>,
+    /// Streams held until the pty master arrives.
+    tty_streams: [Option<tokio_vsock::VsockStream>; 2],
+}
+
+impl Containers {
+    pub fn new(reaper: Reaper, streams: Streams) -> Containers {
+        Containers { map: Arc::default(), engine: Engine::new(reaper.clone()), reaper, streams }
+    }
+
+    pub async fn create(&self, id: &str, spec_json: &[u8], rootfs: &str, stdio: &Stdio) -> Result<(), AgentError> {
+        check_id("container_id", id)?;
+        if self.map.lock().await.contains_key(id) {
+            return Err(AgentError::Invalid(format!("container {id} already exists")));
+        }
+        let rootfs = shared_path(rootfs)?;
+        if !rootfs.is_dir() {
+            return Err(AgentError::Invalid(format!("rootfs {} is not a directory in the guest", rootfs.display())));
+        }
+        let mut spec: oci_spec::runtime::Spec =
+            serde_json::from_slice(spec_json).map_err(|e| AgentError::Invalid(format!("oci_spec: {e}")))?;
+        prepare_spec(&mut spec, id, &rootfs, stdio.terminal)?;
+        let bundle = Path::new(BUNDLES).join(id);
+        std::fs::create_dir_all(&bundle).map_err(|e| AgentError::io(&bundle, e))?;
+        let config = bundle.join("config.json");
+        std::fs::write(&config, serde_json::to_vec(&spec).map_err(|e| AgentError::Invalid(e.to_string()))?)
+            .map_err(|e| AgentError::io(&config, e))?;
+
+        let mut prepared = self.prepare_stdio(stdio, id, "init").await?;
+        let req = Request::Create {
+            id: id.to_string(),
+            bundle: bundle.clone(),
+            console_socket: prepared.console_socket.clone(),
+            stdio: [!prepared.child_fds.is_empty(); 3],
+        };
+        let fds = std::mem::take(&mut prepared.child_fds);
+        let pid = match self.engine.run(req, fds).await {
+            Ok(Some(pid)) => pid,
+            Ok(None) => return Err(AgentError::Invalid("libcontainer reported no pid".into())),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&bundle);
+                return Err(e.into());
+            }
+        };
+        let prepared = finish_tty(prepared, &format!("{id} init")).await?;
+        let init = Process::new(pid, &self.reaper, prepared);
+        log::info!("container {id} created, init pid {pid}");
+        self.map.lock().await.insert(id.to_string(), Container { id: id.to_string(), init, execs: HashMap::new() });
+        Ok(())
+    }
+
+    pub async fn start(&self, id: &str) -> Result<i32, AgentError> {
+        let pid = self.with(id, |c| Ok(c.init.pid)).await?;
+        self.engine.run(Request::Start { id: id.to_string() }, vec![]).await?;
+        Ok(pid)
+    }
+
+    pub async fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], stdio: &Stdio) -> Result<i32, AgentError> {
+        check_id("exec_id", exec_id)?;
+        self.with(id, |c| match c.execs.contains_key(exec_id) {
+            true => Err(AgentError::Invalid(format!("exec {exec_id} already exists in {id}"))),
+            false => Ok(()),
+        })
+        .await?;
+        let mut process: oci_spec::runtime::Process =
+            serde_json::from_slice(process_json).map_err(|e| AgentError::Invalid(format!("process: {e}")))?;
+        process.set_terminal(Some(stdio.terminal));
+        let file = Path::new(BUNDLES).join(id).join(format!("exec-{exec_id}.json"));
+        std::fs::write(&file, serde_json::to_vec(&process).map_err(|e| AgentError::Invalid(e.to_string()))?)
+            .map_err(|e| AgentError::io(&file, e))?;
+        let mut prepared = self.prepare_stdio(stdio, id, exec_id).await?;
+        let req = Request::Exec {
+            id: id.to_string(),
+            process: file.clone(),
+            console_socket: prepared.console_socket.clone(),
+            stdio: [!prepared.child_fds.is_empty(); 3],
+        };
+        let fds = std::mem::take(&mut prepared.child_fds);
+        let result = self.engine.run(req, fds).await;
+        let _ = std::fs::remove_file(&file);
+        let pid = result?.ok_or_else(|| AgentError::Invalid("libcontainer reported no pid".into()))?;
+        let prepared = finish_tty(prepared, &format!("{id} exec {exec_id}")).await?;
+        let proc = Process::new(pid, &self.reaper, prepared);
+        let mut map = self.map.lock().await;
+        let c = map.get_mut(id).ok_or_else(|| AgentError::NotFound(format!("container {id}")))?;
+        c.execs.insert(exec_id.to_string(), proc);
+        Ok(pid)
+    }
+
+    pub async fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<(), AgentError> {
+        let sig = Signal::try_from(signal as i32).map_err(|_| AgentError::Invalid(format!("signal {signal}")))?;
+        if all {
+            for pid in cgroup::pids(id)? {
+                let _ = kill(Pid::from_raw(pid as i32), sig);
+            }
+            return Ok(());
+        }
+        let (pid, exited) = self.with(id, |c| c.process(exec_id).map(|p| (p.pid, p.exited().is_some()))).await?;
+        if exited {
+            return Err(AgentError::NotFound(format!("process {pid} has already exited")));
+        }
+        kill(Pid::from_raw(pid), sig).map_err(|e| AgentError::Invalid(format!("kill {pid}: {e}")))
+    }
+
+    pub async fn wait(&self, id: &str, exec_id: &str) -> Result<Exit, AgentError> {
+        let mut rx = self.with(id, |c| c.process(exec_id).map(|p| p.exit.clone())).await?;
+        let exit = rx.wait_for(|e| e.is_some()).await.map_err(|_| AgentError::NotFound("exit status lost".into()))?;
+        Ok(exit.unwrap_or(Exit { status: 255, signal: 0, at_ns: 0 }))
+    }
+
+    pub async fn resize(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<(), AgentError> {
+        let master = self.with(id, |c| c.process(exec_id).map(|p| p.pty_master.clone())).await?;
+        let master = master.ok_or_else(|| AgentError::Invalid("the process has no terminal".into()))?;
+        let ws = libc::winsize { ws_row: rows as u16, ws_col: cols as u16, ws_xpixel: 0, ws_ypixel: 0 };
+        // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer on a pty master fd we own.
+        let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        if rc != 0 {
+            return Err(AgentError::Invalid(format!("TIOCSWINSZ: {}", std::io::Error::last_os_error())));
+        }
+        Ok(())
+    }
+
+    pub async fn pause(&self, id: &str, pause: bool) -> Result<(), AgentError> {
+        self.with(id, |_| Ok(())).await?;
+        let req = if pause { Request::Pause { id: id.into() } } else { Request::Resume { id: id.into() } };
+        self.engine.run(req, vec![]).await?;
+        Ok(())
+    }
+
+    pub async fn remove(&self, id: &str, force: bool) -> Result<(), AgentError> {
+        let running = self.with(id, |c| Ok(c.init.exited().is_none())).await?;
+        if running && !force {
+            return Err(AgentError::Invalid(format!("container {id} is still running")));
+        }
+        self.engine.run(Request::Delete { id: id.into(), force }, vec![]).await?;
+        self.map.lock().await.remove(id);
+        let bundle = Path::new(BUNDLES).join(id);
+        let _ = std::fs::remove_dir_all(&bundle);
+        log::info!("container {id} removed");
+        Ok(())
+    }
+
+    /// Runs `f` on container `id` under the lock.
+    pub async fn with<T>(&self, id: &str, f: impl FnOnce(&Container) -> Result<T, AgentError>) -> Result<T, AgentError> {
+        let map = self.map.lock().await;
+        let c = map.get(id).ok_or_else(|| AgentError::NotFound(format!("container {id}")))?;
+        f(c)
+    }
+
+    async fn prepare_stdio(&self, stdio: &Stdio, id: &str, proc_name: &str) -> Result<PreparedStdio, AgentError> {
+        let mut streams = [None, None, None];
+        for (i, sid) in [stdio.stdin, stdio.stdout, stdio.stderr].into_iter().enumerate() {
+            if sid != 0 {
+                let s = self.streams.take(sid, STREAM_WAIT).await.ok_or_else(|| {
+                    AgentError::Invalid(format!("stdio stream {sid} did not arrive within {STREAM_WAIT:?}"))
+                })?;
+                streams[i] = Some(s);
+            }
+        }
+        let [sin, sout, serr] = streams;
+        let what = |s: &str| format!("{id} {proc_name} {s}");
+        if stdio.terminal {
+            std::fs::create_dir_all(CONSOLES).map_err(|e| AgentError::io(Path::new(CONSOLES), e))?;
+            let path = Path::new(CONSOLES).join(format!("{id}-{proc_name}.sock"));
+            let _ = std::fs::remove_file(&path);
+            let listener = tokio::net::UnixListener::bind(&path).map_err(|e| AgentError::io(&path, e))?;
+            let p = path.clone();
+            let console = tokio::spawn(async move {
+                let r = tokio::time::timeout(Duration::from_secs(30), receive_pty_master(&listener)).await;
+                let _ = std::fs::remove_file(&p);
+                r.map_err(|_| AgentError::Invalid("no pty master from the container".into()))?
+            });
+            return Ok(PreparedStdio {
+                child_fds: vec![],
+                console_socket: Some(path),
+                console: Some(console),
+                pty_master: None,
+                io: vec![],
+                tty_streams: [sin, sout],
+            });
+        }
+        let null = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .map(OwnedFd::from)
+                .map_err(|e| AgentError::io(Path::new("/dev/null"), e))
+        };
+        let mut child_fds = Vec::new();
+        let mut io = Vec::new();
+        match sin {
+            Some(s) => {
+                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(AgentError::sys("pipe"))?;
+                child_fds.push(r);
+                io.push(tokio::spawn(pump(what("stdin"), s, FdIo::new(w).map_err(AgentError::sys_io("stdin"))?)));
+            }
+            None => child_fds.push(null()?),
+        }
+        for (s, name) in [(sout, "stdout"), (serr, "stderr")] {
+            match s {
+                Some(s) => {
+                    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(AgentError::sys("pipe"))?;
+                    child_fds.push(w);
+                    io.push(tokio::spawn(pump(what(name), FdIo::new(r).map_err(AgentError::sys_io(name))?, s)));
+                }
+                None => child_fds.push(null()?),
+            }
+        }
+        Ok(PreparedStdio { child_fds, console_socket: None, console: None, pty_master: None, io, tty_streams: [None, None] })
+    }
+}
+
+/// For a tty process, waits for libcontainer to hand over the pty master and starts the
+/// copy loops between it and the streams.
+async fn finish_tty(mut p: PreparedStdio, what: &str) -> Result<PreparedStdio, AgentError> {
+    let Some(console) = p.console.take() else { return Ok(p) };
+    let master = console.await.map_err(|e| AgentError::Invalid(format!("console: {e}")))??;
+    let master = Arc::new(master);
+    let [sin, sout] = std::mem::take(&mut p.tty_streams);
+    let dup = |m: &OwnedFd| m.try_clone().map_err(AgentError::sys_io("dup pty master"));
+    if let Some(s) = sin {
+        p.io.push(tokio::spawn(pump(format!("{what} tty in"), s, FdIo::new(dup(&master)?).map_err(AgentError::sys_io("pty"))?)));
+    }
+    if let Some(s) = sout {
+        p.io.push(tokio::spawn(pump(format!("{what} tty out"), FdIo::new(dup(&master)?).map_err(AgentError::sys_io("pty"))?, s)));
+    }
+    p.pty_master = Some(master);
+    Ok(p)
+}
+
+async fn receive_pty_master(listener: &tokio::net::UnixListener) -> Result<OwnedFd, AgentError> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::FromRawFd;
+    let (conn, _) = listener.accept().await.map_err(AgentError::sys_io("console accept"))?;
+    loop {
+        conn.readable().await.map_err(AgentError::sys_io("console"))?;
+        let r = conn.try_io(tokio::io::Interest::READABLE, || {
+            let mut buf = [0u8; 4096];
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+            let msg = recvmsg::<()>(conn.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+                .map_err(std::io::Error::from)?;
+            for c in msg.cmsgs().map_err(std::io::Error::from)? {
+                if let ControlMessageOwned::ScmRights(fds) = c {
+                    if let Some(fd) = fds.first() {
+                        // SAFETY: a descriptor just received over SCM_RIGHTS; we own it.
+                        return Ok(Some(unsafe { OwnedFd::from_raw_fd(*fd) }));
+                    }
+                }
+            }
+            Ok(None)
+        });
+        match r {
+            Ok(Some(fd)) => return Ok(fd),
+            Ok(None) => return Err(AgentError::Invalid("console socket closed without a pty".into())),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(AgentError::sys_io("console recvmsg")(e)),
+        }
+    }
+}
+
+/// Ids become path components: keep them to a safe alphabet.
+pub fn check_id(field: &str, id: &str) -> Result<(), AgentError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        && !id.starts_with('.');
+    if !ok {
+        return Err(AgentError::Invalid(format!("{field} {id:?}: expected 1-128 of [A-Za-z0-9_.-], not starting with '.'")));
+    }
+    Ok(())
+}
+
+/// Resolves a path relative to the shared mount, refusing anything that could leave it.
+pub fn shared_path(rel: &str) -> Result<PathBuf, AgentError> {
+    let p = Path::new(rel);
+    if rel.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(AgentError::Invalid(format!("rootfs {rel:?}: expected a relative path without '..'")));
+    }
+    Ok(Path::new(SHARED_MOUNT).join(p))
+}
+
+/// Makes the host's spec runnable here: rootfs in the share, vmbox's cgroup, no paths
+/// into the host's namespaces.
+fn prepare_spec(spec: &mut oci_spec::runtime::Spec, id: &str, rootfs: &Path, terminal: bool) -> Result<(), AgentError> {
+    let mut root = spec.root().clone().unwrap_or_default();
+    root.set_path(rootfs.to_path_buf());
+    spec.set_root(Some(root));
+    if let Some(p) = spec.process_mut() {
+        p.set_terminal(Some(terminal));
+    } else {
+        return Err(AgentError::Invalid("oci_spec: no process".into()));
+    }
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    linux.set_cgroups_path(Some(cgroup::path(id)));
+    if let Some(ns) = linux.namespaces_mut() {
+        for n in ns.iter_mut() {
+            n.set_path(None);
+        }
+    }
+    spec.set_linux(Some(linux));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(check_id("id", "abc-1.2_3").is_ok());
+        for bad in ["", "../x", "a/b", ".hidden", &"x".repeat(129)] {
+            assert!(check_id("id", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn shared_paths_stay_inside_the_share() {
+        assert_eq!(shared_path("c1/rootfs").unwrap(), Path::new("/run/vmbox/shared/c1/rootfs"));
+        for bad in ["", "/etc", "../x", "c1/../../x", "./x"] {
+            assert!(shared_path(bad).is_err(), "{bad}");
+        }
+    }
+}

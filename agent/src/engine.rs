@@ -1,0 +1,247 @@
+//! The one place that talks to youki's libcontainer.
+//!
+//! libcontainer clones processes with a raw clone3. Doing that from the agent's
+//! multithreaded tokio process can hand the child a lock another thread held (seen:
+//! hangs on the second container). So every libcontainer call runs in a short-lived,
+//! single-threaded helper: the agent re-executes itself (`/proc/self/exe helper`), sends
+//! one [`Request`] plus the stdio fds (SCM_RIGHTS) over the helper's stdin socket, and
+//! reads one [`Response`] line back. The helper builds with `as_sibling(true)`, so
+//! container processes become children of the agent, where the one reaper finds them.
+//! The helper's own exit is collected by that reaper too: nothing here calls `wait`.
+
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use serde::{Deserialize, Serialize};
+
+use crate::reaper::Reaper;
+
+/// libcontainer's state directory in the guest.
+pub const STATE_ROOT: &str = "/run/vmbox/containers";
+/// Upper bound of a request or reply line.
+const MAX_LINE: usize = 1 << 20;
+/// A helper that has not answered by then is broken.
+const HELPER_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Create the container of bundle `bundle`; fds: the present stdio, in order.
+    Create { id: String, bundle: PathBuf, console_socket: Option<PathBuf>, stdio: [bool; 3] },
+    Start { id: String },
+    /// Exec the OCI process in file `process` inside container `id`.
+    Exec { id: String, process: PathBuf, console_socket: Option<PathBuf>, stdio: [bool; 3] },
+    Kill { id: String, signal: i32, all: bool },
+    Delete { id: String, force: bool },
+    Pause { id: String },
+    Resume { id: String },
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Response {
+    pub pid: Option<i32>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("libcontainer: {0}")]
+    Container(String),
+    #[error("container helper: {0}")]
+    Helper(String),
+}
+
+/// Runs requests in helpers.
+#[derive(Clone)]
+pub struct Engine {
+    reaper: Reaper,
+}
+
+impl Engine {
+    pub fn new(reaper: Reaper) -> Engine {
+        Engine { reaper }
+    }
+
+    /// Runs `req` in a fresh helper, passing `fds` along; returns the pid it reports.
+    pub async fn run(&self, req: Request, fds: Vec<OwnedFd>) -> Result<Option<i32>, EngineError> {
+        let helper_err = |what: &str, e: &dyn std::fmt::Display| EngineError::Helper(format!("{what}: {e}"));
+        let (ours, theirs) = UnixStream::pair().map_err(|e| helper_err("socketpair", &e))?;
+        let child = std::process::Command::new("/proc/self/exe")
+            .arg("helper")
+            .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| helper_err("spawn /proc/self/exe helper", &e))?;
+        let exited = self.reaper.watch(child.id() as i32);
+        // Dropping a std Child neither kills nor waits: the reaper collects it.
+        drop(child);
+        let line = serde_json::to_vec(&req).map_err(|e| helper_err("encode request", &e))?;
+        let talk = tokio::task::spawn_blocking(move || -> Result<Response, EngineError> {
+            ours.set_read_timeout(Some(HELPER_TIMEOUT)).ok();
+            send_with_fds(&ours, &line, &fds).map_err(|e| helper_err("send request", &e))?;
+            drop(fds);
+            let reply = read_line(&ours).map_err(|e| helper_err("read reply", &e))?;
+            serde_json::from_slice(&reply).map_err(|e| helper_err("decode reply", &e))
+        });
+        let reply = talk.await.map_err(|e| helper_err("join", &e))?;
+        let exit = tokio::time::timeout(HELPER_TIMEOUT, exited)
+            .await
+            .map_err(|_| EngineError::Helper("did not exit".into()))?
+            .map_err(|_| EngineError::Helper("reaper gone".into()))?;
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => return Err(EngineError::Helper(format!("{e} (helper exit status {})", exit.status))),
+        };
+        match reply.error {
+            Some(e) => Err(EngineError::Container(e)),
+            None => Ok(reply.pid),
+        }
+    }
+}
+
+fn send_with_fds(sock: &UnixStream, line: &[u8], fds: &[OwnedFd]) -> nix::Result<()> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let mut buf = line.to_vec();
+    buf.push(b'\n');
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsg };
+    let mut sent = sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(&buf)], cmsgs, MsgFlags::empty(), None)?;
+    while sent < buf.len() {
+        sent += nix::unistd::write(sock, &buf[sent..])?;
+    }
+    Ok(())
+}
+
+/// Reads up to a newline (bounded); the peer may keep the socket open afterwards.
+fn read_line(mut sock: &UnixStream) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut b = [0u8; 4096];
+    loop {
+        let n = sock.read(&mut b)?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before a reply"));
+        }
+        out.extend_from_slice(&b[..n]);
+        if let Some(i) = out.iter().position(|c| *c == b'\n') {
+            out.truncate(i);
+            return Ok(out);
+        }
+        if out.len() > MAX_LINE {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "reply too long"));
+        }
+    }
+}
+
+/// The helper process: reads one request from stdin, runs it, answers, exits.
+/// Runs before any thread exists, and never starts one.
+pub fn helper_main() -> i32 {
+    // SAFETY: fd 0 is the request socket the agent gave us; we own it from here on.
+    let sock = unsafe { UnixStream::from_raw_fd(0) };
+    let reply = match receive(&sock) {
+        Ok((req, fds)) => match execute(req, fds) {
+            Ok(pid) => Response { pid, error: None },
+            Err(e) => Response { pid: None, error: Some(e) },
+        },
+        Err(e) => Response { pid: None, error: Some(format!("bad request: {e}")) },
+    };
+    let mut line = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"error\":\"encode reply\"}".to_vec());
+    line.push(b'\n');
+    match (&sock).write_all(&line) {
+        Ok(()) => 0,
+        Err(_) => 1,
+    }
+}
+
+fn receive(sock: &UnixStream) -> Result<(Request, Vec<OwnedFd>), String> {
+    let mut buf = vec![0u8; MAX_LINE];
+    let mut cmsg = nix::cmsg_space!([RawFd; 3]);
+    let (n, fds) = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+            .map_err(|e| format!("recvmsg: {e}"))?;
+        let mut fds = Vec::new();
+        for c in msg.cmsgs().map_err(|e| format!("cmsgs: {e}"))? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                // SAFETY: SCM_RIGHTS gave us fresh descriptors that nobody else owns.
+                fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+        (msg.bytes, fds)
+    };
+    buf.truncate(n);
+    while !buf.contains(&b'\n') {
+        let mut more = [0u8; 4096];
+        let m = (&*sock).read(&mut more).map_err(|e| e.to_string())?;
+        if m == 0 || buf.len() > MAX_LINE {
+            return Err("truncated request".into());
+        }
+        buf.extend_from_slice(&more[..m]);
+    }
+    let end = buf.iter().position(|c| *c == b'\n').unwrap_or(buf.len());
+    let req = serde_json::from_slice(&buf[..end]).map_err(|e| e.to_string())?;
+    Ok((req, fds))
+}
+
+fn execute(req: Request, fds: Vec<OwnedFd>) -> Result<Option<i32>, String> {
+    use libcontainer::container::builder::ContainerBuilder;
+    use libcontainer::container::Container;
+    use libcontainer::syscall::syscall::SyscallType;
+
+    let err = |e: libcontainer::error::LibcontainerError| e.to_string();
+    let load = |id: &str| Container::load(Path::new(STATE_ROOT).join(id)).map_err(err);
+    let builder = |id: &str, console: Option<PathBuf>, stdio: [bool; 3], fds: Vec<OwnedFd>| {
+        let mut b = ContainerBuilder::new(id.to_string(), SyscallType::default())
+            .with_root_path(STATE_ROOT)
+            .map_err(err)?
+            .with_console_socket(console);
+        let mut fds = fds.into_iter();
+        for (i, present) in stdio.iter().enumerate() {
+            if !present {
+                continue;
+            }
+            let fd = fds.next().ok_or("fewer fds than the request's stdio says")?;
+            b = match i {
+                0 => b.with_stdin(fd),
+                1 => b.with_stdout(fd),
+                _ => b.with_stderr(fd),
+            };
+        }
+        Ok::<_, String>(b)
+    };
+    match req {
+        Request::Create { id, bundle, console_socket, stdio } => {
+            let c = builder(&id, console_socket, stdio, fds)?
+                .validate_id()
+                .map_err(err)?
+                .as_init(bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .as_sibling(true)
+                .build()
+                .map_err(err)?;
+            Ok(c.pid().map(|p| p.as_raw()))
+        }
+        Request::Start { id } => load(&id)?.start().map(|_| None).map_err(err),
+        Request::Exec { id, process, console_socket, stdio } => {
+            let pid = builder(&id, console_socket, stdio, fds)?
+                .as_tenant()
+                .with_process(Some(process))
+                .with_detach(true)
+                .as_sibling(true)
+                .build()
+                .map_err(err)?;
+            Ok(Some(pid.as_raw()))
+        }
+        Request::Kill { id, signal, all } => {
+            let sig = libcontainer::signal::Signal::try_from(signal).map_err(|e| e.to_string())?;
+            load(&id)?.kill(sig, all).map(|_| None).map_err(err)
+        }
+        Request::Delete { id, force } => load(&id)?.delete(force).map(|_| None).map_err(err),
+        Request::Pause { id } => load(&id)?.pause().map(|_| None).map_err(err),
+        Request::Resume { id } => load(&id)?.resume().map(|_| None).map_err(err),
+    }
+}

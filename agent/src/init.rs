@@ -1,0 +1,87 @@
+//! Becoming PID 1: the mounts a container runtime needs, the kernel command line, and
+//! the virtio-fs share.
+
+use std::path::Path;
+
+use nix::mount::{mount, MsFlags};
+
+use crate::container::SHARED_MOUNT;
+use crate::AgentError;
+
+/// What the host tells the agent on the kernel command line (`vmbox.*` parameters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Params {
+    /// virtio-fs tag of the sandbox's shared directory; empty for none.
+    pub share: String,
+    pub log_level: log::LevelFilter,
+    /// Host vsock port to send the hello to.
+    pub hello_port: u32,
+}
+
+impl Params {
+    pub fn parse(cmdline: &str) -> Params {
+        let mut p = Params { share: String::new(), log_level: log::LevelFilter::Info, hello_port: vmbox_protocol::HELLO_PORT };
+        for word in cmdline.split_whitespace() {
+            let Some((k, v)) = word.split_once('=') else { continue };
+            match k {
+                "vmbox.share" => p.share = v.to_string(),
+                "vmbox.log" => p.log_level = v.parse().unwrap_or(log::LevelFilter::Info),
+                "vmbox.hello_port" => p.hello_port = v.parse().unwrap_or(vmbox_protocol::HELLO_PORT),
+                _ => {}
+            }
+        }
+        p
+    }
+}
+
+fn mnt(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<(), AgentError> {
+    std::fs::create_dir_all(target).map_err(|e| AgentError::io(Path::new(target), e))?;
+    mount(Some(src), target, Some(fstype), flags, data)
+        .map_err(|e| AgentError::Invalid(format!("mount {fstype} on {target}: {e}")))
+}
+
+/// The filesystems every guest needs before anything else.
+pub fn mount_base() -> Result<(), AgentError> {
+    let nosuid_noexec_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
+    mnt("proc", "/proc", "proc", nosuid_noexec_nodev, None)?;
+    mnt("sysfs", "/sys", "sysfs", nosuid_noexec_nodev, None)?;
+    mnt("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    mnt("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620"))?;
+    mnt("shm", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    mnt("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    mnt("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    mnt("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_noexec_nodev, None)?;
+    Ok(())
+}
+
+/// Mounts the sandbox's shared directory.
+pub fn mount_share(tag: &str) -> Result<(), AgentError> {
+    mnt(tag, SHARED_MOUNT, "virtiofs", MsFlags::empty(), None)
+}
+
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// CLOCK_BOOTTIME in microseconds: how long since the kernel started.
+pub fn boot_time_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_vmbox_params_and_ignores_the_rest() {
+        let p = Params::parse("console=ttyS0 vmbox.share=vmboxfs vmbox.log=debug vmbox.hello_port=5000 quiet");
+        assert_eq!(p.hello_port, 5000);
+        assert_eq!(p.share, "vmboxfs");
+        assert_eq!(p.log_level, log::LevelFilter::Debug);
+        let p = Params::parse("vmbox.log=bogus");
+        assert_eq!(p.log_level, log::LevelFilter::Info);
+        assert_eq!(p.share, "");
+    }
+}

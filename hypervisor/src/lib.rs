@@ -1,0 +1,71 @@
+//! Starting, reaching and stopping a sandbox's micro-VM.
+//!
+//! The seam is [`Hypervisor`] (start a VM from a [`VmSpec`]) and [`Vm`] (reach its
+//! ports, pause, stop). [`qemu`] is the backend: QEMU `-M microvm` with virtiofsd for
+//! the shared directory and vsock through vhost-device-vsock or the kernel.
+//!
+//! Everything a VM creates lives in its run directory and dies with it: `stop`, a
+//! failed start and drop all remove the processes; [`qemu::cleanup_run_dir`] does the
+//! same for a VM whose owner died. The guest is untrusted: what it sends is size-bounded
+//! and no host path is ever taken from it.
+
+pub mod accel;
+pub mod binaries;
+mod error;
+mod process;
+pub mod qemu;
+mod qmp;
+pub mod vsock;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+pub use error::HypervisorError;
+use vmbox_protocol::agent::Hello;
+
+pub use accel::Accel;
+pub use vsock::Conn;
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// The sandbox id: names the VM in `ps` (QEMU's `-name vmbox-<id>`).
+    pub id: String,
+    /// Created by the backend and removed by `stop`.
+    pub run_dir: PathBuf,
+    /// Host directory shared into the guest over virtio-fs.
+    pub shared_dir: Option<PathBuf>,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// Boots a VM and waits for its agent's hello (bounded by `timeouts.boot_ms`).
+    async fn start(&self, spec: VmSpec) -> Result<Box<dyn Vm>, HypervisorError>;
+}
+
+#[async_trait]
+pub trait Vm: Send + Sync {
+    fn id(&self) -> &str;
+    /// What the agent said when it came up.
+    fn hello(&self) -> &Hello;
+    fn accel(&self) -> Accel;
+    fn run_dir(&self) -> &Path;
+    /// Opens a stream to a guest vsock port.
+    async fn connect(&self, port: u32) -> Result<Conn, HypervisorError>;
+    /// Freezes / thaws the whole VM (vCPUs).
+    async fn pause(&self) -> Result<(), HypervisorError>;
+    async fn resume(&self) -> Result<(), HypervisorError>;
+    /// The VMM's exit status, once it exited.
+    fn exited(&self) -> Option<String>;
+    /// Waits up to `timeout` for the VMM to exit (after the agent powered the guest off).
+    async fn wait_exit(&self, timeout: Duration) -> Option<String>;
+    /// Live host processes of this VM (VMM and daemons).
+    fn pids(&self) -> Vec<u32>;
+    fn console_tail(&self, lines: usize) -> String;
+    /// Stops the VMM (QMP quit, then SIGKILL) and the daemons, removes the run directory.
+    /// Idempotent. Graceful shutdown is the agent's `Shutdown` before this.
+    async fn stop(&self);
+}
