@@ -92,6 +92,9 @@ fn main() {
     }
     let _ = log::set_logger(&ConsoleLogger);
     log::set_max_level(log::LevelFilter::Info);
+    if let Err(e) = init::switch_root() {
+        fatal(&format!("boot: {e}"));
+    }
     if let Err(e) = init::mount_base() {
         fatal(&format!("boot: {e}"));
     }

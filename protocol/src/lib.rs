@@ -58,3 +58,13 @@ pub enum ProtocolError {
         agent_version: String,
     },
 }
+
+/// A ttrpc client of the agent over an established stream (vsock or hybrid socket).
+/// ttrpc bounds every message (4 MiB), so a misbehaving guest cannot flood the host.
+pub fn client<S>(stream: S) -> agent_ttrpc::AgentClient
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Sync + 'static,
+{
+    let socket = ttrpc::r#async::transport::Socket::new(stream);
+    agent_ttrpc::AgentClient::new(ttrpc::r#async::Client::new(socket))
+}

@@ -1,0 +1,199 @@
+//! VM-level tests: a real guest kernel under QEMU, the real agent and libcontainer.
+//! Run with `make vm-test` (it builds the guest first).
+
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+use vmbox_hypervisor::Vm;
+use vmbox_protocol::agent::*;
+use vmbox_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_check_and_shutdown_leave_nothing_behind() {
+    let t = TestVm::boot("lifecycle").await.unwrap();
+    let run_dir = t.vm.run_dir().to_path_buf();
+    let v = t.agent.get_version(ctx(), &GetVersionRequest::new()).await.unwrap();
+    assert_eq!(v.protocol_version, vmbox_protocol::PROTOCOL_VERSION);
+    assert!(v.kernel_release.starts_with("6.1"), "guest kernel {}", v.kernel_release);
+    assert!(t.agent.check(ctx(), &CheckRequest::new()).await.unwrap().serving);
+    let pids = t.vm.pids();
+    assert_eq!(pids.len(), 3, "qemu, virtiofsd and vhost-device-vsock: {pids:?}");
+    t.shutdown().await.unwrap();
+    assert!(!run_dir.exists(), "{} left behind", run_dir.display());
+    let left = processes_mentioning(&run_dir.display().to_string());
+    assert!(left.is_empty(), "processes left: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_report_output_exit_codes_and_signals() {
+    let t = TestVm::boot("exits").await.unwrap();
+
+    let (status, out, _) = t.run("echo", &["echo", "hello from the guest"]).await.unwrap();
+    assert_eq!((status, out.as_slice()), (0, &b"hello from the guest\n"[..]));
+
+    let (status, _, err) = t.run("exit3", &["sh", "-c", "echo oops >&2; exit 3"]).await.unwrap();
+    assert_eq!((status, err.as_slice()), (3, &b"oops\n"[..]));
+
+    // A process killed by SIGKILL reports the signal.
+    let mut s = t.create("killed", &["sleep", "600"], false).await.unwrap();
+    t.start("killed").await.unwrap();
+    let req = SignalProcessRequest { container_id: "killed".into(), signal: 9, ..Default::default() };
+    t.agent.signal_process(ctx(), &req).await.unwrap();
+    let exit = t.wait("killed", "").await.unwrap();
+    assert_eq!((exit.exit_status, exit.signal), (128 + 9, 9));
+    assert!(exit.exited_at_ns > 0);
+    s.read_output().await.unwrap();
+    t.remove("killed").await.unwrap();
+
+    t.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_and_tty_resize() {
+    let t = TestVm::boot("exec").await.unwrap();
+    let mut init = t.create("c1", &["sleep", "600"], false).await.unwrap();
+    t.start("c1").await.unwrap();
+
+    // A second process in the running container sees the same filesystem and pid namespace.
+    let (out_id, mut out) = t.stream().await.unwrap();
+    let req = ExecProcessRequest {
+        container_id: "c1".into(),
+        exec_id: "e1".into(),
+        process: serde_json::to_vec(&process(&["sh", "-c", "cat /proc/1/cmdline; echo; hostname"], false)).unwrap(),
+        stdio: Some(Stdio { stdout: out_id, ..Default::default() }).into(),
+        ..Default::default()
+    };
+    t.agent.exec_process(ctx(), &req).await.unwrap();
+    let mut text = String::new();
+    out.read_to_string(&mut text).await.unwrap();
+    assert_eq!(text, "sleep\0600\0\nvmbox\n");
+    assert_eq!(t.wait("c1", "e1").await.unwrap().exit_status, 0);
+
+    // A tty process: resize, then `stty size` reports the new size.
+    let (in_id, mut tin) = t.stream().await.unwrap();
+    let (tout_id, mut tout) = t.stream().await.unwrap();
+    let req = ExecProcessRequest {
+        container_id: "c1".into(),
+        exec_id: "tty".into(),
+        process: serde_json::to_vec(&process(&["sh", "-c", "read line; stty size"], true)).unwrap(),
+        stdio: Some(Stdio { stdin: in_id, stdout: tout_id, terminal: true, ..Default::default() }).into(),
+        ..Default::default()
+    };
+    t.agent.exec_process(ctx(), &req).await.unwrap();
+    let resize = ResizePtyRequest { container_id: "c1".into(), exec_id: "tty".into(), rows: 42, cols: 123, ..Default::default() };
+    t.agent.resize_pty(ctx(), &resize).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tin, b"go\n").await.unwrap();
+    let exit = t.wait("c1", "tty").await.unwrap();
+    assert_eq!(exit.exit_status, 0);
+    let mut screen = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), tout.read_to_end(&mut screen)).await.unwrap().unwrap();
+    let screen = String::from_utf8_lossy(&screen);
+    assert!(screen.contains("42 123"), "tty output: {screen:?}");
+
+    let req = SignalProcessRequest { container_id: "c1".into(), signal: 9, ..Default::default() };
+    t.agent.signal_process(ctx(), &req).await.unwrap();
+    t.wait("c1", "").await.unwrap();
+    init.read_output().await.unwrap();
+    t.remove("c1").await.unwrap();
+    t.shutdown().await.unwrap();
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u32 = 0x1234_5678;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_and_stdout_carry_every_byte() {
+    let t = TestVm::boot("bulk").await.unwrap();
+
+    // 10 MiB into sha256sum in the guest.
+    let data = pattern(10 << 20);
+    let mut s = t.create("sum", &["sha256sum"], true).await.unwrap();
+    t.start("sum").await.unwrap();
+    let stdin = s.stdin.take().unwrap();
+    let (sent, output) = tokio::join!(send_and_close(stdin, &data), s.read_output());
+    sent.unwrap();
+    let (out, _) = output.unwrap();
+    let want = format!("{:x}  -\n", Sha256::digest(&data));
+    assert_eq!(String::from_utf8_lossy(&out), want);
+    assert_eq!(t.wait("sum", "").await.unwrap().exit_status, 0);
+    t.remove("sum").await.unwrap();
+
+    // 100 MiB out of the guest, compared with the guest's own digest of the same bytes.
+    let script = "head -c 104857600 /dev/urandom > /tmp/blob && sha256sum /tmp/blob >&2 && cat /tmp/blob";
+    let (status, out, err) = t.run("blob", &["sh", "-c", script]).await.unwrap();
+    assert_eq!(status, 0);
+    assert_eq!(out.len(), 100 << 20);
+    let guest_digest = String::from_utf8_lossy(&err).split_whitespace().next().unwrap_or("").to_string();
+    assert_eq!(format!("{:x}", Sha256::digest(&out)), guest_digest);
+
+    t.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_kernel_path_fails_clearly_and_leaves_nothing() {
+    let mut config = test_config("nokernel");
+    config.vm.kernel = "/nonexistent/vmlinuz".into();
+    let spec = vmbox_hypervisor::VmSpec {
+        id: "nokernel".into(),
+        run_dir: config.state_dir.join("vm"),
+        shared_dir: None,
+        vcpus: 1,
+        memory_mib: 128,
+    };
+    let err = vmbox_hypervisor::qemu::QemuVm::start(&config, spec).await.err().expect("start must fail");
+    let msg = err.to_string();
+    assert!(msg.contains("/nonexistent/vmlinuz") && msg.contains("make guest"), "{msg}");
+    assert!(!config.state_dir.join("vm").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_never_answers_times_out_with_the_console_and_leaves_nothing() {
+    // An initramfs whose /init is a shell that prints a marker and waits forever.
+    let mut config = test_config("silent");
+    std::fs::create_dir_all(&config.state_dir).unwrap();
+    let script = b"#!/bin/busybox sh\necho silent-guest-booted\nexec /bin/busybox sleep 100000\n";
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let mut img = Vec::new();
+    vmbox_guest::write_cpio(
+        &mut img,
+        &[
+            vmbox_guest::Entry::Dir { path: "bin", mode: 0o755 },
+            vmbox_guest::Entry::File { path: "bin/busybox", mode: 0o755, data: &busybox },
+            vmbox_guest::Entry::Dir { path: "dev", mode: 0o755 },
+            vmbox_guest::Entry::CharDev { path: "dev/console", mode: 0o600, major: 5, minor: 1 },
+            vmbox_guest::Entry::File { path: "init", mode: 0o755, data: script },
+        ],
+    )
+    .unwrap();
+    config.vm.initramfs = config.state_dir.join("silent.img");
+    std::fs::write(&config.vm.initramfs, img).unwrap();
+    config.timeouts.boot_ms = 8_000;
+    let run_dir = config.state_dir.join("vm");
+    let spec = vmbox_hypervisor::VmSpec {
+        id: "silent".into(),
+        run_dir: run_dir.clone(),
+        shared_dir: Some(config.state_dir.clone()),
+        vcpus: 1,
+        memory_mib: 128,
+    };
+    let started = std::time::Instant::now();
+    let err = vmbox_hypervisor::qemu::QemuVm::start(&config, spec).await.err().expect("start must fail");
+    let msg = err.to_string();
+    assert!(msg.contains("did not say hello within 8000 ms"), "{msg}");
+    assert!(msg.contains("silent-guest-booted"), "the console tail is in the error: {msg}");
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    assert!(!run_dir.exists(), "{} left behind", run_dir.display());
+    let left = processes_mentioning(&run_dir.display().to_string());
+    assert!(left.is_empty(), "processes left: {left:?}");
+    std::fs::remove_dir_all(&config.state_dir).unwrap();
+}
