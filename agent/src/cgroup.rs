@@ -108,7 +108,11 @@ fn parse_io(text: &str) -> Vec<IoEntry> {
         .filter_map(|l| {
             let mut parts = l.split_whitespace();
             let (maj, min) = parts.next()?.split_once(':')?;
-            let mut e = IoEntry { major: maj.parse().ok()?, minor: min.parse().ok()?, ..Default::default() };
+            let mut e = IoEntry {
+                major: maj.parse().ok()?,
+                minor: min.parse().ok()?,
+                ..Default::default()
+            };
             for kv in parts {
                 let Some((k, v)) = kv.split_once('=') else { continue };
                 let v = v.parse().unwrap_or(0);
@@ -127,7 +131,10 @@ fn parse_io(text: &str) -> Vec<IoEntry> {
 
 /// The number of OOM kills the container has seen.
 pub fn oom_kills(id: &str) -> u64 {
-    read(id, "memory.events").map(|t| flat_keyed(&t)).and_then(|m| m.get("oom_kill").copied()).unwrap_or(0)
+    read(id, "memory.events")
+        .map(|t| flat_keyed(&t))
+        .and_then(|m| m.get("oom_kill").copied())
+        .unwrap_or(0)
 }
 
 /// Applies the OCI resources that cgroup v2 can change on a running container.
@@ -155,12 +162,23 @@ pub fn update(id: &str, r: &oci_spec::runtime::LinuxResources) -> Result<(), Age
         }
         if let Some(shares) = c.shares() {
             // The conversion runc and crun use from cgroup v1 shares to v2 weight.
-            let weight = if shares == 0 { 100 } else { 1 + ((shares.clamp(2, 262_144) - 2) * 9999) / 262_142 };
+            let weight = if shares == 0 {
+                100
+            } else {
+                1 + ((shares.clamp(2, 262_144) - 2) * 9999) / 262_142
+            };
             write("cpu.weight", weight.to_string())?;
         }
     }
     if let Some(p) = r.pids() {
-        write("pids.max", if p.limit() <= 0 { "max".into() } else { p.limit().to_string() })?;
+        write(
+            "pids.max",
+            if p.limit() <= 0 {
+                "max".into()
+            } else {
+                p.limit().to_string()
+            },
+        )?;
     }
     Ok(())
 }
@@ -173,7 +191,10 @@ mod tests {
     fn parses_io_stat() {
         let e = parse_io("254:0 rbytes=10 wbytes=20 rios=1 wios=2 dbytes=0 dios=0\n");
         assert_eq!(e.len(), 1);
-        assert_eq!((e[0].major, e[0].minor, e[0].rbytes, e[0].wbytes, e[0].rios, e[0].wios), (254, 0, 10, 20, 1, 2));
+        assert_eq!(
+            (e[0].major, e[0].minor, e[0].rbytes, e[0].wbytes, e[0].rios, e[0].wios),
+            (254, 0, 10, 20, 1, 2)
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::streams::Streams;
 use crate::AgentError;
 
 /// Where the host's shared directory (virtio-fs) is mounted in the guest.
-pub const SHARED_MOUNT: &str = "/run/vmbox/shared";
+pub const SHARED_MOUNT: &str = vmbox_protocol::GUEST_SHARED_MOUNT;
 const BUNDLES: &str = "/run/vmbox/bundles";
 const CONSOLES: &str = "/run/vmbox/console";
 /// How long a request waits for the stdio streams it names.
@@ -43,7 +43,12 @@ impl Process {
                 let _ = tx.send(Some(exit));
             }
         });
-        Process { pid, exit: rx, pty_master: stdio.pty_master, io: stdio.io }
+        Process {
+            pid,
+            exit: rx,
+            pty_master: stdio.pty_master,
+            io: stdio.io,
+        }
     }
 
     pub fn exit_watch(&self) -> watch::Receiver<Option<Exit>> {
@@ -53,7 +58,6 @@ impl Process {
     pub fn exited(&self) -> Option<Exit> {
         *self.exit.borrow()
     }
-
 }
 
 impl Drop for Process {
@@ -75,7 +79,9 @@ impl Container {
         if exec_id.is_empty() {
             return Ok(&self.init);
         }
-        self.execs.get(exec_id).ok_or_else(|| AgentError::NotFound(format!("exec {exec_id} of container {}", self.id)))
+        self.execs
+            .get(exec_id)
+            .ok_or_else(|| AgentError::NotFound(format!("exec {exec_id} of container {}", self.id)))
     }
 }
 
@@ -101,7 +107,12 @@ struct PreparedStdio {
 
 impl Containers {
     pub fn new(reaper: Reaper, streams: Streams) -> Containers {
-        Containers { map: Arc::default(), engine: Engine::new(reaper.clone()), reaper, streams }
+        Containers {
+            map: Arc::default(),
+            engine: Engine::new(reaper.clone()),
+            reaper,
+            streams,
+        }
     }
 
     pub async fn create(&self, id: &str, spec_json: &[u8], rootfs: &str, stdio: &Stdio) -> Result<(), AgentError> {
@@ -111,7 +122,10 @@ impl Containers {
         }
         let rootfs = shared_path(rootfs)?;
         if !rootfs.is_dir() {
-            return Err(AgentError::Invalid(format!("rootfs {} is not a directory in the guest", rootfs.display())));
+            return Err(AgentError::Invalid(format!(
+                "rootfs {} is not a directory in the guest",
+                rootfs.display()
+            )));
         }
         let mut spec: oci_spec::runtime::Spec =
             serde_json::from_slice(spec_json).map_err(|e| AgentError::Invalid(format!("oci_spec: {e}")))?;
@@ -119,8 +133,11 @@ impl Containers {
         let bundle = Path::new(BUNDLES).join(id);
         std::fs::create_dir_all(&bundle).map_err(|e| AgentError::io(&bundle, e))?;
         let config = bundle.join("config.json");
-        std::fs::write(&config, serde_json::to_vec(&spec).map_err(|e| AgentError::Invalid(e.to_string()))?)
-            .map_err(|e| AgentError::io(&config, e))?;
+        std::fs::write(
+            &config,
+            serde_json::to_vec(&spec).map_err(|e| AgentError::Invalid(e.to_string()))?,
+        )
+        .map_err(|e| AgentError::io(&config, e))?;
 
         let mut prepared = self.prepare_stdio(stdio, id, "init").await?;
         let req = Request::Create {
@@ -141,7 +158,14 @@ impl Containers {
         let prepared = finish_tty(prepared, &format!("{id} init")).await?;
         let init = Process::new(pid, &self.reaper, prepared);
         log::info!("container {id} created, init pid {pid}");
-        self.map.lock().await.insert(id.to_string(), Container { id: id.to_string(), init, execs: HashMap::new() });
+        self.map.lock().await.insert(
+            id.to_string(),
+            Container {
+                id: id.to_string(),
+                init,
+                execs: HashMap::new(),
+            },
+        );
         Ok(())
     }
 
@@ -162,8 +186,11 @@ impl Containers {
             serde_json::from_slice(process_json).map_err(|e| AgentError::Invalid(format!("process: {e}")))?;
         process.set_terminal(Some(stdio.terminal));
         let file = Path::new(BUNDLES).join(id).join(format!("exec-{exec_id}.json"));
-        std::fs::write(&file, serde_json::to_vec(&process).map_err(|e| AgentError::Invalid(e.to_string()))?)
-            .map_err(|e| AgentError::io(&file, e))?;
+        std::fs::write(
+            &file,
+            serde_json::to_vec(&process).map_err(|e| AgentError::Invalid(e.to_string()))?,
+        )
+        .map_err(|e| AgentError::io(&file, e))?;
         let mut prepared = self.prepare_stdio(stdio, id, exec_id).await?;
         let req = Request::Exec {
             id: id.to_string(),
@@ -178,7 +205,9 @@ impl Containers {
         let prepared = finish_tty(prepared, &format!("{id} exec {exec_id}")).await?;
         let proc = Process::new(pid, &self.reaper, prepared);
         let mut map = self.map.lock().await;
-        let c = map.get_mut(id).ok_or_else(|| AgentError::NotFound(format!("container {id}")))?;
+        let c = map
+            .get_mut(id)
+            .ok_or_else(|| AgentError::NotFound(format!("container {id}")))?;
         c.execs.insert(exec_id.to_string(), proc);
         Ok(pid)
     }
@@ -191,7 +220,9 @@ impl Containers {
             }
             return Ok(());
         }
-        let (pid, exited) = self.with(id, |c| c.process(exec_id).map(|p| (p.pid, p.exited().is_some()))).await?;
+        let (pid, exited) = self
+            .with(id, |c| c.process(exec_id).map(|p| (p.pid, p.exited().is_some())))
+            .await?;
         if exited {
             return Err(AgentError::NotFound(format!("process {pid} has already exited")));
         }
@@ -200,25 +231,46 @@ impl Containers {
 
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<Exit, AgentError> {
         let mut rx = self.with(id, |c| c.process(exec_id).map(|p| p.exit.clone())).await?;
-        let exit = rx.wait_for(|e| e.is_some()).await.map_err(|_| AgentError::NotFound("exit status lost".into()))?;
-        Ok(exit.unwrap_or(Exit { status: 255, signal: 0, at_ns: 0 }))
+        let exit = rx
+            .wait_for(|e| e.is_some())
+            .await
+            .map_err(|_| AgentError::NotFound("exit status lost".into()))?;
+        Ok(exit.unwrap_or(Exit {
+            status: 255,
+            signal: 0,
+            at_ns: 0,
+        }))
     }
 
     pub async fn resize(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<(), AgentError> {
-        let master = self.with(id, |c| c.process(exec_id).map(|p| p.pty_master.clone())).await?;
+        let master = self
+            .with(id, |c| c.process(exec_id).map(|p| p.pty_master.clone()))
+            .await?;
         let master = master.ok_or_else(|| AgentError::Invalid("the process has no terminal".into()))?;
-        let ws = libc::winsize { ws_row: rows as u16, ws_col: cols as u16, ws_xpixel: 0, ws_ypixel: 0 };
+        let ws = libc::winsize {
+            ws_row: rows as u16,
+            ws_col: cols as u16,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
         // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer on a pty master fd we own.
         let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
         if rc != 0 {
-            return Err(AgentError::Invalid(format!("TIOCSWINSZ: {}", std::io::Error::last_os_error())));
+            return Err(AgentError::Invalid(format!(
+                "TIOCSWINSZ: {}",
+                std::io::Error::last_os_error()
+            )));
         }
         Ok(())
     }
 
     pub async fn pause(&self, id: &str, pause: bool) -> Result<(), AgentError> {
         self.with(id, |_| Ok(())).await?;
-        let req = if pause { Request::Pause { id: id.into() } } else { Request::Resume { id: id.into() } };
+        let req = if pause {
+            Request::Pause { id: id.into() }
+        } else {
+            Request::Resume { id: id.into() }
+        };
         self.engine.run(req, vec![]).await?;
         Ok(())
     }
@@ -228,7 +280,9 @@ impl Containers {
         if running && !force {
             return Err(AgentError::Invalid(format!("container {id} is still running")));
         }
-        self.engine.run(Request::Delete { id: id.into(), force }, vec![]).await?;
+        self.engine
+            .run(Request::Delete { id: id.into(), force }, vec![])
+            .await?;
         self.map.lock().await.remove(id);
         let bundle = Path::new(BUNDLES).join(id);
         let _ = std::fs::remove_dir_all(&bundle);
@@ -237,9 +291,15 @@ impl Containers {
     }
 
     /// Runs `f` on container `id` under the lock.
-    pub async fn with<T>(&self, id: &str, f: impl FnOnce(&Container) -> Result<T, AgentError>) -> Result<T, AgentError> {
+    pub async fn with<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&Container) -> Result<T, AgentError>,
+    ) -> Result<T, AgentError> {
         let map = self.map.lock().await;
-        let c = map.get(id).ok_or_else(|| AgentError::NotFound(format!("container {id}")))?;
+        let c = map
+            .get(id)
+            .ok_or_else(|| AgentError::NotFound(format!("container {id}")))?;
         f(c)
     }
 
@@ -289,7 +349,11 @@ impl Containers {
             Some(s) => {
                 let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(AgentError::sys("pipe"))?;
                 child_fds.push(r);
-                io.push(tokio::spawn(pump(what("stdin"), s, FdIo::new(w).map_err(AgentError::sys_io("stdin"))?)));
+                io.push(tokio::spawn(pump(
+                    what("stdin"),
+                    s,
+                    FdIo::new(w).map_err(AgentError::sys_io("stdin"))?,
+                )));
             }
             None => child_fds.push(null()?),
         }
@@ -298,12 +362,23 @@ impl Containers {
                 Some(s) => {
                     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(AgentError::sys("pipe"))?;
                     child_fds.push(w);
-                    io.push(tokio::spawn(pump(what(name), FdIo::new(r).map_err(AgentError::sys_io(name))?, s)));
+                    io.push(tokio::spawn(pump(
+                        what(name),
+                        FdIo::new(r).map_err(AgentError::sys_io(name))?,
+                        s,
+                    )));
                 }
                 None => child_fds.push(null()?),
             }
         }
-        Ok(PreparedStdio { child_fds, console_socket: None, console: None, pty_master: None, io, tty_streams: [None, None] })
+        Ok(PreparedStdio {
+            child_fds,
+            console_socket: None,
+            console: None,
+            pty_master: None,
+            io,
+            tty_streams: [None, None],
+        })
     }
 }
 
@@ -311,15 +386,25 @@ impl Containers {
 /// copy loops between it and the streams.
 async fn finish_tty(mut p: PreparedStdio, what: &str) -> Result<PreparedStdio, AgentError> {
     let Some(console) = p.console.take() else { return Ok(p) };
-    let master = console.await.map_err(|e| AgentError::Invalid(format!("console: {e}")))??;
+    let master = console
+        .await
+        .map_err(|e| AgentError::Invalid(format!("console: {e}")))??;
     let master = Arc::new(master);
     let [sin, sout] = std::mem::take(&mut p.tty_streams);
     let dup = |m: &OwnedFd| m.try_clone().map_err(AgentError::sys_io("dup pty master"));
     if let Some(s) = sin {
-        p.io.push(tokio::spawn(pump(format!("{what} tty in"), s, FdIo::new(dup(&master)?).map_err(AgentError::sys_io("pty"))?)));
+        p.io.push(tokio::spawn(pump(
+            format!("{what} tty in"),
+            s,
+            FdIo::new(dup(&master)?).map_err(AgentError::sys_io("pty"))?,
+        )));
     }
     if let Some(s) = sout {
-        p.io.push(tokio::spawn(pump(format!("{what} tty out"), FdIo::new(dup(&master)?).map_err(AgentError::sys_io("pty"))?, s)));
+        p.io.push(tokio::spawn(pump(
+            format!("{what} tty out"),
+            FdIo::new(dup(&master)?).map_err(AgentError::sys_io("pty"))?,
+            s,
+        )));
     }
     p.pty_master = Some(master);
     Ok(p)
@@ -363,7 +448,9 @@ pub fn check_id(field: &str, id: &str) -> Result<(), AgentError> {
         && id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
         && !id.starts_with('.');
     if !ok {
-        return Err(AgentError::Invalid(format!("{field} {id:?}: expected 1-128 of [A-Za-z0-9_.-], not starting with '.'")));
+        return Err(AgentError::Invalid(format!(
+            "{field} {id:?}: expected 1-128 of [A-Za-z0-9_.-], not starting with '.'"
+        )));
     }
     Ok(())
 }
@@ -372,7 +459,9 @@ pub fn check_id(field: &str, id: &str) -> Result<(), AgentError> {
 pub fn shared_path(rel: &str) -> Result<PathBuf, AgentError> {
     let p = Path::new(rel);
     if rel.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
-        return Err(AgentError::Invalid(format!("rootfs {rel:?}: expected a relative path without '..'")));
+        return Err(AgentError::Invalid(format!(
+            "rootfs {rel:?}: expected a relative path without '..'"
+        )));
     }
     Ok(Path::new(SHARED_MOUNT).join(p))
 }
@@ -413,7 +502,10 @@ mod tests {
 
     #[test]
     fn shared_paths_stay_inside_the_share() {
-        assert_eq!(shared_path("c1/rootfs").unwrap(), Path::new("/run/vmbox/shared/c1/rootfs"));
+        assert_eq!(
+            shared_path("c1/rootfs").unwrap(),
+            Path::new("/run/vmbox/shared/c1/rootfs")
+        );
         for bad in ["", "/etc", "../x", "c1/../../x", "./x"] {
             assert!(shared_path(bad).is_err(), "{bad}");
         }

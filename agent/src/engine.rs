@@ -31,14 +31,37 @@ const HELPER_TIMEOUT: Duration = Duration::from_secs(60);
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// Create the container of bundle `bundle`; fds: the present stdio, in order.
-    Create { id: String, bundle: PathBuf, console_socket: Option<PathBuf>, stdio: [bool; 3] },
-    Start { id: String },
+    Create {
+        id: String,
+        bundle: PathBuf,
+        console_socket: Option<PathBuf>,
+        stdio: [bool; 3],
+    },
+    Start {
+        id: String,
+    },
     /// Exec the OCI process in file `process` inside container `id`.
-    Exec { id: String, process: PathBuf, console_socket: Option<PathBuf>, stdio: [bool; 3] },
-    Kill { id: String, signal: i32, all: bool },
-    Delete { id: String, force: bool },
-    Pause { id: String },
-    Resume { id: String },
+    Exec {
+        id: String,
+        process: PathBuf,
+        console_socket: Option<PathBuf>,
+        stdio: [bool; 3],
+    },
+    Kill {
+        id: String,
+        signal: i32,
+        all: bool,
+    },
+    Delete {
+        id: String,
+        force: bool,
+    },
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -123,7 +146,10 @@ fn read_line(mut sock: &UnixStream) -> std::io::Result<Vec<u8>> {
     loop {
         let n = sock.read(&mut b)?;
         if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before a reply"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed before a reply",
+            ));
         }
         out.extend_from_slice(&b[..n]);
         if let Some(i) = out.iter().position(|c| *c == b'\n') {
@@ -144,9 +170,15 @@ pub fn helper_main() -> i32 {
     let reply = match receive(&sock) {
         Ok((req, fds)) => match execute(req, fds) {
             Ok(pid) => Response { pid, error: None },
-            Err(e) => Response { pid: None, error: Some(e) },
+            Err(e) => Response {
+                pid: None,
+                error: Some(e),
+            },
         },
-        Err(e) => Response { pid: None, error: Some(format!("bad request: {e}")) },
+        Err(e) => Response {
+            pid: None,
+            error: Some(format!("bad request: {e}")),
+        },
     };
     let mut line = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"error\":\"encode reply\"}".to_vec());
     line.push(b'\n');
@@ -213,7 +245,12 @@ fn execute(req: Request, fds: Vec<OwnedFd>) -> Result<Option<i32>, String> {
         Ok::<_, String>(b)
     };
     match req {
-        Request::Create { id, bundle, console_socket, stdio } => {
+        Request::Create {
+            id,
+            bundle,
+            console_socket,
+            stdio,
+        } => {
             let c = builder(&id, console_socket, stdio, fds)?
                 .validate_id()
                 .map_err(err)?
@@ -226,7 +263,12 @@ fn execute(req: Request, fds: Vec<OwnedFd>) -> Result<Option<i32>, String> {
             Ok(c.pid().map(|p| p.as_raw()))
         }
         Request::Start { id } => load(&id)?.start().map(|_| None).map_err(err),
-        Request::Exec { id, process, console_socket, stdio } => {
+        Request::Exec {
+            id,
+            process,
+            console_socket,
+            stdio,
+        } => {
             let pid = builder(&id, console_socket, stdio, fds)?
                 .as_tenant()
                 .with_process(Some(process))

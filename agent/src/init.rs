@@ -20,7 +20,11 @@ pub struct Params {
 
 impl Params {
     pub fn parse(cmdline: &str) -> Params {
-        let mut p = Params { share: String::new(), log_level: log::LevelFilter::Info, hello_port: vmbox_protocol::HELLO_PORT };
+        let mut p = Params {
+            share: String::new(),
+            log_level: log::LevelFilter::Info,
+            hello_port: vmbox_protocol::HELLO_PORT,
+        };
         for word in cmdline.split_whitespace() {
             let Some((k, v)) = word.split_once('=') else { continue };
             match k {
@@ -63,7 +67,8 @@ pub fn switch_root() -> Result<(), AgentError> {
     // The initramfs copy of the agent would otherwise stay in memory for the VM's life.
     let _ = std::fs::remove_file("/init");
     nix::unistd::chdir(new).map_err(AgentError::sys("chdir /newroot"))?;
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(AgentError::sys("move /newroot to /"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(AgentError::sys("move /newroot to /"))?;
     nix::unistd::chroot(".").map_err(AgentError::sys("chroot"))?;
     nix::unistd::chdir("/").map_err(AgentError::sys("chdir /"))?;
     std::env::set_var(SWITCHED, "1");
@@ -77,10 +82,34 @@ pub fn mount_base() -> Result<(), AgentError> {
     mnt("proc", "/proc", "proc", nosuid_noexec_nodev, None)?;
     mnt("sysfs", "/sys", "sysfs", nosuid_noexec_nodev, None)?;
     mnt("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
-    mnt("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620"))?;
-    mnt("shm", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
-    mnt("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
-    mnt("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    mnt(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
+    mnt(
+        "shm",
+        "/dev/shm",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    mnt(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    mnt(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
     mnt("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_noexec_nodev, None)?;
     Ok(())
 }
@@ -91,7 +120,9 @@ pub fn mount_share(tag: &str) -> Result<(), AgentError> {
 }
 
 pub fn kernel_release() -> String {
-    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// CLOCK_BOOTTIME in microseconds: how long since the kernel started.

@@ -46,7 +46,10 @@ pub enum AgentError {
 
 impl AgentError {
     pub fn io(path: &Path, source: std::io::Error) -> AgentError {
-        AgentError::Io { path: path.display().to_string(), source }
+        AgentError::Io {
+            path: path.display().to_string(),
+            source,
+        }
     }
     pub fn sys(what: &'static str) -> impl Fn(nix::errno::Errno) -> AgentError {
         move |e| AgentError::Invalid(format!("{what}: {e}"))
@@ -101,7 +104,11 @@ fn main() {
     let params = init::Params::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     log::set_max_level(params.log_level);
     // The async runtime starts only now, after every single-threaded step.
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => fatal(&format!("tokio runtime: {e}")),
     };
@@ -124,15 +131,23 @@ async fn serve(params: init::Params) -> Result<(), String> {
     cgroup::enable_controllers().map_err(|e| e.to_string())?;
     let reaper = reaper::Reaper::start().map_err(|e| format!("reaper: {e}"))?;
     let streams = streams::Streams::default();
-    streams.listen().map_err(|e| format!("stdio listener on vsock port {}: {e}", vmbox_protocol::STDIO_PORT))?;
+    streams
+        .listen()
+        .map_err(|e| format!("stdio listener on vsock port {}: {e}", vmbox_protocol::STDIO_PORT))?;
     let containers = container::Containers::new(reaper, streams);
     let (oom, _) = tokio::sync::broadcast::channel(64);
     watch_oom(containers.clone(), oom.clone());
-    let service = service::Service { containers, kernel_release: init::kernel_release(), oom };
+    let service = service::Service {
+        containers,
+        kernel_release: init::kernel_release(),
+        oom,
+    };
     let services = vmbox_protocol::agent_ttrpc::create_agent(Arc::new(service));
     let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, AGENT_PORT))
         .map_err(|e| format!("ttrpc listener on vsock port {AGENT_PORT}: {e}"))?;
-    let mut server = ttrpc::r#async::Server::new().add_listener(listener.into()).register_service(services);
+    let mut server = ttrpc::r#async::Server::new()
+        .add_listener(listener.into())
+        .register_service(services);
     server.start().await.map_err(|e| format!("ttrpc server: {e}"))?;
     say_hello(params.hello_port).await?;
     log::info!("serving on vsock port {AGENT_PORT}");
@@ -154,7 +169,9 @@ async fn say_hello(port: u32) -> Result<(), String> {
     for _ in 0..50 {
         match VsockStream::connect(VsockAddr::new(VMADDR_CID_HOST, port)).await {
             Ok(mut s) => {
-                vmbox_protocol::hello::write_hello(&mut s, &hello).await.map_err(|e| e.to_string())?;
+                vmbox_protocol::hello::write_hello(&mut s, &hello)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 return Ok(());
             }
             Err(e) => last = e.to_string(),

@@ -91,7 +91,11 @@ impl Reaper {
     }
 
     fn dispatch(&self, pid: i32, status: i32, signal: u32) {
-        let exit = Exit { status, signal, at_ns: now_ns() };
+        let exit = Exit {
+            status,
+            signal,
+            at_ns: now_ns(),
+        };
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
         match t.waiting.remove(&pid) {
             Some(tx) => {

@@ -38,28 +38,52 @@ impl Agent for Service {
     }
 
     async fn check(&self, _: &TtrpcContext, _: CheckRequest) -> Res<CheckResponse> {
-        Ok(CheckResponse { serving: true, ..Default::default() })
+        Ok(CheckResponse {
+            serving: true,
+            ..Default::default()
+        })
     }
 
     async fn create_container(&self, _: &TtrpcContext, r: CreateContainerRequest) -> Res<Empty> {
         let stdio = r.stdio.clone().unwrap_or_default();
-        reply("create_container", self.containers.create(&r.container_id, &r.oci_spec, &r.rootfs, &stdio).await)?;
+        reply(
+            "create_container",
+            self.containers
+                .create(&r.container_id, &r.oci_spec, &r.rootfs, &stdio)
+                .await,
+        )?;
         Ok(Empty::new())
     }
 
     async fn start_container(&self, _: &TtrpcContext, r: ContainerRequest) -> Res<PidResponse> {
         let pid = reply("start_container", self.containers.start(&r.container_id).await)?;
-        Ok(PidResponse { pid: pid as u32, ..Default::default() })
+        Ok(PidResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
     }
 
     async fn exec_process(&self, _: &TtrpcContext, r: ExecProcessRequest) -> Res<PidResponse> {
         let stdio = r.stdio.clone().unwrap_or_default();
-        let pid = reply("exec_process", self.containers.exec(&r.container_id, &r.exec_id, &r.process, &stdio).await)?;
-        Ok(PidResponse { pid: pid as u32, ..Default::default() })
+        let pid = reply(
+            "exec_process",
+            self.containers
+                .exec(&r.container_id, &r.exec_id, &r.process, &stdio)
+                .await,
+        )?;
+        Ok(PidResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
     }
 
     async fn signal_process(&self, _: &TtrpcContext, r: SignalProcessRequest) -> Res<Empty> {
-        reply("signal_process", self.containers.signal(&r.container_id, &r.exec_id, r.signal, r.all).await)?;
+        reply(
+            "signal_process",
+            self.containers
+                .signal(&r.container_id, &r.exec_id, r.signal, r.all)
+                .await,
+        )?;
         Ok(Empty::new())
     }
 
@@ -74,7 +98,12 @@ impl Agent for Service {
     }
 
     async fn resize_pty(&self, _: &TtrpcContext, r: ResizePtyRequest) -> Res<Empty> {
-        reply("resize_pty", self.containers.resize(&r.container_id, &r.exec_id, r.rows, r.cols).await)?;
+        reply(
+            "resize_pty",
+            self.containers
+                .resize(&r.container_id, &r.exec_id, r.rows, r.cols)
+                .await,
+        )?;
         Ok(Empty::new())
     }
 
@@ -82,18 +111,32 @@ impl Agent for Service {
         // The host ends stdin by closing the stdin stream after its last byte; the agent
         // closes the pipe when that stream reaches its end, so nothing sent is dropped.
         // Here we only check the process exists.
-        reply("close_stdin", self.containers.with(&r.container_id, |c| c.process(&r.exec_id).map(|_| ())).await)?;
+        reply(
+            "close_stdin",
+            self.containers
+                .with(&r.container_id, |c| c.process(&r.exec_id).map(|_| ()))
+                .await,
+        )?;
         Ok(Empty::new())
     }
 
     async fn list_processes(&self, _: &TtrpcContext, r: ContainerRequest) -> Res<ListProcessesResponse> {
-        reply("list_processes", self.containers.with(&r.container_id, |_| Ok(())).await)?;
+        reply(
+            "list_processes",
+            self.containers.with(&r.container_id, |_| Ok(())).await,
+        )?;
         let pids = reply("list_processes", cgroup::pids(&r.container_id))?;
-        Ok(ListProcessesResponse { pids, ..Default::default() })
+        Ok(ListProcessesResponse {
+            pids,
+            ..Default::default()
+        })
     }
 
     async fn stats_container(&self, _: &TtrpcContext, r: ContainerRequest) -> Res<StatsContainerResponse> {
-        reply("stats_container", self.containers.with(&r.container_id, |_| Ok(())).await)?;
+        reply(
+            "stats_container",
+            self.containers.with(&r.container_id, |_| Ok(())).await,
+        )?;
         reply("stats_container", cgroup::stats(&r.container_id))
     }
 
@@ -108,7 +151,10 @@ impl Agent for Service {
     }
 
     async fn update_container(&self, _: &TtrpcContext, r: UpdateContainerRequest) -> Res<Empty> {
-        reply("update_container", self.containers.with(&r.container_id, |_| Ok(())).await)?;
+        reply(
+            "update_container",
+            self.containers.with(&r.container_id, |_| Ok(())).await,
+        )?;
         let res: oci_spec::runtime::LinuxResources = reply(
             "update_container",
             serde_json::from_slice(&r.resources).map_err(|e| AgentError::Invalid(format!("resources: {e}"))),
@@ -118,7 +164,10 @@ impl Agent for Service {
     }
 
     async fn remove_container(&self, _: &TtrpcContext, r: RemoveContainerRequest) -> Res<Empty> {
-        reply("remove_container", self.containers.remove(&r.container_id, r.force).await)?;
+        reply(
+            "remove_container",
+            self.containers.remove(&r.container_id, r.force).await,
+        )?;
         Ok(Empty::new())
     }
 
@@ -126,7 +175,12 @@ impl Agent for Service {
         let mut rx = self.oom.subscribe();
         loop {
             match rx.recv().await {
-                Ok(id) => return Ok(OomEvent { container_id: id, ..Default::default() }),
+                Ok(id) => {
+                    return Ok(OomEvent {
+                        container_id: id,
+                        ..Default::default()
+                    })
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(e) => return reply("get_oom_event", Err(AgentError::Invalid(e.to_string()))),
             }
@@ -138,6 +192,9 @@ impl Agent for Service {
         let killed = shutdown::stop_all(&self.containers, grace).await;
         reply("shutdown", shutdown::flush())?;
         shutdown::power_off_soon();
-        Ok(ShutdownResponse { killed, ..Default::default() })
+        Ok(ShutdownResponse {
+            killed,
+            ..Default::default()
+        })
     }
 }

@@ -14,7 +14,11 @@ pub async fn stop_all(containers: &Containers, grace: Duration) -> u32 {
     let (ids, exits) = {
         let map = containers.map.lock().await;
         let ids: Vec<String> = map.keys().cloned().collect();
-        let exits: Vec<_> = map.values().flat_map(|c| std::iter::once(&c.init).chain(c.execs.values())).map(|p| p.exit_watch()).collect();
+        let exits: Vec<_> = map
+            .values()
+            .flat_map(|c| std::iter::once(&c.init).chain(c.execs.values()))
+            .map(|p| p.exit_watch())
+            .collect();
         (ids, exits)
     };
     let all_exited = || {
@@ -31,7 +35,10 @@ pub async fn stop_all(containers: &Containers, grace: Duration) -> u32 {
     }
     let killed = signal_all(&ids, Signal::SIGKILL);
     log::warn!("shutdown: {killed} processes still running after {grace:?}: SIGKILL");
-    if tokio::time::timeout(Duration::from_secs(5), all_exited()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), all_exited())
+        .await
+        .is_err()
+    {
         log::error!("shutdown: processes survived SIGKILL for 5s");
     }
     killed

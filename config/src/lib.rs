@@ -140,7 +140,12 @@ impl Default for Binaries {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts { boot_ms: 30_000, rpc_ms: 10_000, grace_period_ms: 5_000, shutdown_ms: 15_000 }
+        Timeouts {
+            boot_ms: 30_000,
+            rpc_ms: 10_000,
+            grace_period_ms: 5_000,
+            shutdown_ms: 15_000,
+        }
     }
 }
 
@@ -160,15 +165,19 @@ impl Config {
     }
 
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Config::from_toml(&text, path)
     }
 
     /// Parses and validates; `path` only names the source in errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -181,10 +190,18 @@ impl Config {
             reason,
         };
         if !matches!(self.log_level.as_str(), "error" | "warn" | "info" | "debug" | "trace") {
-            return Err(bad("log_level", format!("{:?}", self.log_level), "expected error, warn, info, debug or trace".into()));
+            return Err(bad(
+                "log_level",
+                format!("{:?}", self.log_level),
+                "expected error, warn, info, debug or trace".into(),
+            ));
         }
         if !(1..=MAX_VCPUS).contains(&self.vm.vcpus) {
-            return Err(bad("vm.vcpus", self.vm.vcpus.to_string(), format!("expected 1 to {MAX_VCPUS}")));
+            return Err(bad(
+                "vm.vcpus",
+                self.vm.vcpus.to_string(),
+                format!("expected 1 to {MAX_VCPUS}"),
+            ));
         }
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.vm.memory_mib) {
             return Err(bad(
@@ -210,7 +227,11 @@ impl Config {
             ));
         }
         if !self.state_dir.is_absolute() {
-            return Err(bad("state_dir", self.state_dir.display().to_string(), "must be an absolute path".into()));
+            return Err(bad(
+                "state_dir",
+                self.state_dir.display().to_string(),
+                "must be an absolute path".into(),
+            ));
         }
         if self.vm.kernel_params.contains("vmbox.") {
             return Err(bad(
@@ -274,7 +295,9 @@ mod tests {
 
     #[test]
     fn missing_file_named_by_env_is_an_error_naming_it() {
-        let err = Config::from_file(Path::new("/nonexistent/vmbox.toml")).unwrap_err().to_string();
+        let err = Config::from_file(Path::new("/nonexistent/vmbox.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/nonexistent/vmbox.toml"), "{err}");
     }
 }

@@ -19,9 +19,21 @@ pub enum InitramfsError {
 
 /// One entry of the archive.
 pub enum Entry<'a> {
-    Dir { path: &'a str, mode: u32 },
-    File { path: &'a str, mode: u32, data: &'a [u8] },
-    CharDev { path: &'a str, mode: u32, major: u32, minor: u32 },
+    Dir {
+        path: &'a str,
+        mode: u32,
+    },
+    File {
+        path: &'a str,
+        mode: u32,
+        data: &'a [u8],
+    },
+    CharDev {
+        path: &'a str,
+        mode: u32,
+        major: u32,
+        minor: u32,
+    },
 }
 
 const S_IFDIR: u32 = 0o040000;
@@ -35,7 +47,12 @@ pub fn write_cpio<W: Write>(out: &mut W, entries: &[Entry]) -> std::io::Result<(
         let (path, mode, data, rdev): (&str, u32, &[u8], (u32, u32)) = match e {
             Entry::Dir { path, mode } => (path, S_IFDIR | mode, &[], (0, 0)),
             Entry::File { path, mode, data } => (path, S_IFREG | mode, data, (0, 0)),
-            Entry::CharDev { path, mode, major, minor } => (path, S_IFCHR | mode, &[], (*major, *minor)),
+            Entry::CharDev {
+                path,
+                mode,
+                major,
+                minor,
+            } => (path, S_IFCHR | mode, &[], (*major, *minor)),
         };
         written += write_entry(out, i as u32 + 1, path, mode, data, rdev)?;
     }
@@ -44,7 +61,14 @@ pub fn write_cpio<W: Write>(out: &mut W, entries: &[Entry]) -> std::io::Result<(
     out.write_all(&vec![0u8; (512 - written % 512) % 512])
 }
 
-fn write_entry<W: Write>(out: &mut W, ino: u32, path: &str, mode: u32, data: &[u8], rdev: (u32, u32)) -> std::io::Result<usize> {
+fn write_entry<W: Write>(
+    out: &mut W,
+    ino: u32,
+    path: &str,
+    mode: u32,
+    data: &[u8],
+    rdev: (u32, u32),
+) -> std::io::Result<usize> {
     let nlink = if mode & S_IFDIR != 0 { 2 } else { 1 };
     let name_len = path.len() + 1;
     let header = format!(
@@ -80,14 +104,43 @@ pub fn initramfs<W: Write>(out: &mut W, agent: &[u8]) -> std::io::Result<()> {
     write_cpio(
         out,
         &[
-            Entry::Dir { path: "dev", mode: 0o755 },
-            Entry::CharDev { path: "dev/console", mode: 0o600, major: 5, minor: 1 },
-            Entry::CharDev { path: "dev/null", mode: 0o666, major: 1, minor: 3 },
-            Entry::Dir { path: "proc", mode: 0o555 },
-            Entry::Dir { path: "sys", mode: 0o555 },
-            Entry::Dir { path: "run", mode: 0o755 },
-            Entry::Dir { path: "tmp", mode: 0o1777 },
-            Entry::File { path: "init", mode: 0o755, data: agent },
+            Entry::Dir {
+                path: "dev",
+                mode: 0o755,
+            },
+            Entry::CharDev {
+                path: "dev/console",
+                mode: 0o600,
+                major: 5,
+                minor: 1,
+            },
+            Entry::CharDev {
+                path: "dev/null",
+                mode: 0o666,
+                major: 1,
+                minor: 3,
+            },
+            Entry::Dir {
+                path: "proc",
+                mode: 0o555,
+            },
+            Entry::Dir {
+                path: "sys",
+                mode: 0o555,
+            },
+            Entry::Dir {
+                path: "run",
+                mode: 0o755,
+            },
+            Entry::Dir {
+                path: "tmp",
+                mode: 0o1777,
+            },
+            Entry::File {
+                path: "init",
+                mode: 0o755,
+                data: agent,
+            },
         ],
     )
 }

@@ -18,7 +18,10 @@ fn main() -> ExitCode {
 }
 
 fn run(agent: &str, out: &str) -> Result<(), vmbox_guest::InitramfsError> {
-    let data = std::fs::read(agent).map_err(|source| vmbox_guest::InitramfsError::Read { path: agent.into(), source })?;
+    let data = std::fs::read(agent).map_err(|source| vmbox_guest::InitramfsError::Read {
+        path: agent.into(),
+        source,
+    })?;
     let tmp = format!("{out}.tmp");
     let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
     vmbox_guest::initramfs(&mut f, &data)?;

@@ -32,7 +32,11 @@ impl HostFacts {
     pub fn probe() -> HostFacts {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         HostFacts {
-            dev_kvm: std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok(),
+            dev_kvm: std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .is_ok(),
             kvm_pvm: std::path::Path::new("/sys/module/kvm_pvm").exists(),
             cpu_virt: cpuinfo
                 .lines()
@@ -47,7 +51,10 @@ pub fn choose(wanted: Accelerator, host: &HostFacts) -> (Accel, String) {
     match wanted {
         Accelerator::Kvm => (Accel::Kvm, "forced by config (vm.accelerator = \"kvm\")".into()),
         Accelerator::Tcg => (Accel::Tcg, "forced by config (vm.accelerator = \"tcg\")".into()),
-        Accelerator::Auto if host.kvm_pvm => (Accel::Tcg, "/dev/kvm is PVM (/sys/module/kvm_pvm), which cannot run the guest kernel".into()),
+        Accelerator::Auto if host.kvm_pvm => (
+            Accel::Tcg,
+            "/dev/kvm is PVM (/sys/module/kvm_pvm), which cannot run the guest kernel".into(),
+        ),
         Accelerator::Auto if !host.cpu_virt => (Accel::Tcg, "the CPU has no vmx/svm".into()),
         Accelerator::Auto if !host.dev_kvm => (Accel::Tcg, "/dev/kvm is missing or not accessible".into()),
         Accelerator::Auto => (Accel::Kvm, "/dev/kvm is usable and the CPU has vmx/svm".into()),
@@ -59,7 +66,11 @@ mod tests {
     use super::*;
 
     fn facts(dev_kvm: bool, kvm_pvm: bool, cpu_virt: bool) -> HostFacts {
-        HostFacts { dev_kvm, kvm_pvm, cpu_virt }
+        HostFacts {
+            dev_kvm,
+            kvm_pvm,
+            cpu_virt,
+        }
     }
 
     #[test]

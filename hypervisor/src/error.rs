@@ -3,7 +3,11 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
     #[error("{name} not found (looked for {path:?} in PATH): {hint}")]
-    MissingBinary { name: &'static str, path: PathBuf, hint: &'static str },
+    MissingBinary {
+        name: &'static str,
+        path: PathBuf,
+        hint: &'static str,
+    },
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -18,7 +22,11 @@ pub enum HypervisorError {
         source: std::io::Error,
     },
     #[error("{name} exited during start ({status}); its log:\n{log}")]
-    EarlyExit { name: &'static str, status: String, log: String },
+    EarlyExit {
+        name: &'static str,
+        status: String,
+        log: String,
+    },
     #[error("{what} did not appear within {timeout_ms} ms")]
     Timeout { what: String, timeout_ms: u64 },
     #[error("the guest agent did not say hello within {timeout_ms} ms; last lines of the guest console:\n{console}")]

@@ -73,7 +73,11 @@ impl Child {
         }
         self.signal(Signal::SIGTERM);
         if self.wait(grace).await.is_none() {
-            log::warn!("{} (pid {}) ignored SIGTERM for {grace:?}: SIGKILL", self.name, self.pid);
+            log::warn!(
+                "{} (pid {}) ignored SIGTERM for {grace:?}: SIGKILL",
+                self.name,
+                self.pid
+            );
             self.signal(Signal::SIGKILL);
             if self.wait(Duration::from_secs(5)).await.is_none() {
                 log::error!("{} (pid {}) survived SIGKILL", self.name, self.pid);

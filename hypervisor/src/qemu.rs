@@ -60,7 +60,9 @@ fn check_id(id: &str) -> Result<(), HypervisorError> {
     let ok = !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     match ok {
         true => Ok(()),
-        false => Err(HypervisorError::Spec(format!("sandbox id {id:?}: expected 1-128 of [A-Za-z0-9_.-]"))),
+        false => Err(HypervisorError::Spec(format!(
+            "sandbox id {id:?}: expected 1-128 of [A-Za-z0-9_.-]"
+        ))),
     }
 }
 
@@ -69,12 +71,18 @@ impl QemuVm {
         check_id(&spec.id)?;
         let t0 = Instant::now();
         let qemu_bin = resolve("qemu-system-x86_64", &cfg.binaries.qemu, QEMU_HINT)?;
-        for (what, p) in [("guest kernel (vm.kernel)", &cfg.vm.kernel), ("guest initramfs (vm.initramfs)", &cfg.vm.initramfs)] {
+        for (what, p) in [
+            ("guest kernel (vm.kernel)", &cfg.vm.kernel),
+            ("guest initramfs (vm.initramfs)", &cfg.vm.initramfs),
+        ] {
             if !p.is_file() {
                 return Err(HypervisorError::Io {
                     what,
                     path: p.clone(),
-                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "not found; build it with `make guest` and install it with `make install`"),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "not found; build it with `make guest` and install it with `make install`",
+                    ),
                 });
             }
         }
@@ -91,7 +99,13 @@ impl QemuVm {
             id: spec.id.clone(),
             dir: dir.clone(),
             accel,
-            dialer: if kernel_vsock { Dialer::Kernel { cid: pick_cid() } } else { Dialer::Hybrid { uds: dir.join("vsock.sock") } },
+            dialer: if kernel_vsock {
+                Dialer::Kernel { cid: pick_cid() }
+            } else {
+                Dialer::Hybrid {
+                    uds: dir.join("vsock.sock"),
+                }
+            },
             hello: Hello::default(),
             qemu: None,
             daemons: Vec::new(),
@@ -101,7 +115,12 @@ impl QemuVm {
         // From here on, any error leaves through `fail`, which removes what was started.
         match vm.boot(cfg, &spec, &qemu_bin).await {
             Ok(()) => {
-                log::info!("vm {}: agent {} ready in {} ms", vm.id, vm.hello.agent_version, t0.elapsed().as_millis());
+                log::info!(
+                    "vm {}: agent {} ready in {} ms",
+                    vm.id,
+                    vm.hello.agent_version,
+                    t0.elapsed().as_millis()
+                );
                 Ok(vm)
             }
             Err(e) => {
@@ -121,20 +140,31 @@ impl QemuVm {
             cmd.arg(format!("--socket-path={}", sock.display()))
                 .arg(format!("--shared-dir={}", shared.display()))
                 .args(["--cache=auto", "--sandbox=namespace", "--log-level=warn"]);
-            self.daemons.push(Child::spawn("virtiofsd", cmd, &dir.join("virtiofsd.log"))?);
-            self.wait_for_socket(&sock, "virtiofsd", &dir.join("virtiofsd.log")).await?;
+            self.daemons
+                .push(Child::spawn("virtiofsd", cmd, &dir.join("virtiofsd.log"))?);
+            self.wait_for_socket(&sock, "virtiofsd", &dir.join("virtiofsd.log"))
+                .await?;
             // QEMU 7.1-8.0 crash when virtiofsd is given --tag: the tag lives on the device.
             args.extend(["-chardev".into(), format!("socket,id=fs,path={}", sock.display())]);
-            args.extend(["-device".into(), format!("vhost-user-fs-device,chardev=fs,tag={SHARE_TAG}")]);
+            args.extend([
+                "-device".into(),
+                format!("vhost-user-fs-device,chardev=fs,tag={SHARE_TAG}"),
+            ]);
         }
         let hello_port = match &self.dialer {
             Dialer::Hybrid { uds } => {
                 let bin = resolve("vhost-device-vsock", &cfg.binaries.vhost_device_vsock, VSOCK_HINT)?;
                 let sock = dir.join("vhost-vsock.sock");
                 let mut cmd = Command::new(bin);
-                cmd.arg("--vm").arg(format!("guest-cid=3,socket={},uds-path={}", sock.display(), uds.display()));
-                self.daemons.push(Child::spawn("vhost-device-vsock", cmd, &dir.join("vsock.log"))?);
-                self.wait_for_socket(&sock, "vhost-device-vsock", &dir.join("vsock.log")).await?;
+                cmd.arg("--vm").arg(format!(
+                    "guest-cid=3,socket={},uds-path={}",
+                    sock.display(),
+                    uds.display()
+                ));
+                self.daemons
+                    .push(Child::spawn("vhost-device-vsock", cmd, &dir.join("vsock.log"))?);
+                self.wait_for_socket(&sock, "vhost-device-vsock", &dir.join("vsock.log"))
+                    .await?;
                 args.extend(["-chardev".into(), format!("socket,id=vsk,path={}", sock.display())]);
                 args.extend(["-device".into(), "vhost-user-vsock-device,chardev=vsk".into()]);
                 vmbox_protocol::HELLO_PORT
@@ -149,7 +179,11 @@ impl QemuVm {
         // guest (that can wedge vhost-user vsock devices).
         let listener = HelloListener::bind(&self.dialer, hello_port)?;
         let quiet = !matches!(cfg.log_level.as_str(), "debug" | "trace");
-        let agent_log = if cfg.log_level == "trace" { "debug" } else { cfg.log_level.as_str() };
+        let agent_log = if cfg.log_level == "trace" {
+            "debug"
+        } else {
+            cfg.log_level.as_str()
+        };
         let mut append = format!(
             "console=ttyS0 reboot=t panic=-1 {}vmbox.log={agent_log} vmbox.hello_port={hello_port}",
             if quiet { "quiet " } else { "" }
@@ -165,7 +199,10 @@ impl QemuVm {
         let mut cmd = Command::new(qemu_bin);
         cmd.arg("-name")
             .arg(format!("vmbox-{},process=vmbox-{}", self.id, self.id))
-            .args(["-M", "microvm,x-option-roms=off,isa-serial=on,acpi=off,memory-backend=mem"])
+            .args([
+                "-M",
+                "microvm,x-option-roms=off,isa-serial=on,acpi=off,memory-backend=mem",
+            ])
             .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem}M,share=on")])
             .args(["-m", &format!("{mem}M"), "-smp", &spec.vcpus.to_string()])
             .args(match self.accel {
@@ -178,8 +215,16 @@ impl QemuVm {
             .arg("-initrd")
             .arg(&cfg.vm.initramfs)
             .args(["-append", &append])
-            .args(["-chardev", &format!("file,id=con,path={}", dir.join("console.log").display()), "-serial", "chardev:con"])
-            .args(["-qmp", &format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display())])
+            .args([
+                "-chardev",
+                &format!("file,id=con,path={}", dir.join("console.log").display()),
+                "-serial",
+                "chardev:con",
+            ])
+            .args([
+                "-qmp",
+                &format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()),
+            ])
             .args(&args);
         log::debug!("vm {}: {:?}", self.id, cmd);
         let qemu = Child::spawn("qemu", cmd, &dir.join("qemu.log"))?;
@@ -190,7 +235,10 @@ impl QemuVm {
             Dialer::Hybrid { .. } => None,
         };
         let hello = async {
-            let mut conn = listener.accept(cid).await.map_err(HypervisorError::io("accept hello on", dir.join("vsock.sock")))?;
+            let mut conn = listener
+                .accept(cid)
+                .await
+                .map_err(HypervisorError::io("accept hello on", dir.join("vsock.sock")))?;
             Ok::<_, HypervisorError>(vmbox_protocol::hello::read_hello(&mut conn).await?)
         };
         let result = tokio::select! {
@@ -219,7 +267,11 @@ impl QemuVm {
         while !sock.exists() {
             if let Some(status) = daemon.and_then(|d| d.exited()) {
                 let log = std::fs::read_to_string(log).unwrap_or_default();
-                return Err(HypervisorError::EarlyExit { name, status, log: log.chars().take(4096).collect() });
+                return Err(HypervisorError::EarlyExit {
+                    name,
+                    status,
+                    log: log.chars().take(4096).collect(),
+                });
             }
             if Instant::now() > deadline {
                 return Err(HypervisorError::Timeout {
@@ -237,7 +289,8 @@ impl QemuVm {
         let mut pids: Vec<u32> = self.daemons.iter().map(|d| d.pid).collect();
         pids.extend(qemu);
         let path = self.dir.join("pids.json");
-        std::fs::write(&path, serde_json::to_vec(&pids).unwrap_or_default()).map_err(HypervisorError::io("write", &path))
+        std::fs::write(&path, serde_json::to_vec(&pids).unwrap_or_default())
+            .map_err(HypervisorError::io("write", &path))
     }
 
     /// The last `n` lines of the guest console.
@@ -256,7 +309,10 @@ fn console_tail(path: &Path, n: usize) -> String {
 
 /// A guest CID for the kernel's vhost-vsock (3 and up; collisions make QEMU fail).
 fn pick_cid() -> u32 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     3 + (t ^ std::process::id().wrapping_mul(2_654_435_761)) % 1_000_000
 }
 
@@ -283,11 +339,15 @@ impl Vm for QemuVm {
     }
 
     async fn pause(&self) -> Result<(), HypervisorError> {
-        qmp::execute(&self.dir.join("qmp.sock"), "stop", QMP_TIMEOUT).await.map(|_| ())
+        qmp::execute(&self.dir.join("qmp.sock"), "stop", QMP_TIMEOUT)
+            .await
+            .map(|_| ())
     }
 
     async fn resume(&self) -> Result<(), HypervisorError> {
-        qmp::execute(&self.dir.join("qmp.sock"), "cont", QMP_TIMEOUT).await.map(|_| ())
+        qmp::execute(&self.dir.join("qmp.sock"), "cont", QMP_TIMEOUT)
+            .await
+            .map(|_| ())
     }
 
     fn exited(&self) -> Option<String> {
@@ -302,7 +362,12 @@ impl Vm for QemuVm {
     }
 
     fn pids(&self) -> Vec<u32> {
-        self.daemons.iter().chain(self.qemu.as_ref()).filter(|c| c.exited().is_none()).map(|c| c.pid).collect()
+        self.daemons
+            .iter()
+            .chain(self.qemu.as_ref())
+            .filter(|c| c.exited().is_none())
+            .map(|c| c.pid)
+            .collect()
     }
 
     fn console_tail(&self, n: usize) -> String {
@@ -365,7 +430,11 @@ pub fn cleanup_run_dir(dir: &Path) -> Result<(), HypervisorError> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(HypervisorError::Io { what: "remove run directory", path: dir.to_path_buf(), source: e }),
+        Err(e) => Err(HypervisorError::Io {
+            what: "remove run directory",
+            path: dir.to_path_buf(),
+            source: e,
+        }),
     }
 }
 

@@ -14,9 +14,14 @@ const MAX_LINE: usize = 1 << 20;
 
 /// Runs `command` (with capabilities negotiation) and returns its `return` value.
 pub async fn execute(socket: &Path, command: &str, timeout: Duration) -> Result<Value, HypervisorError> {
-    let err = |detail: String| HypervisorError::Qmp { command: command.into(), detail };
+    let err = |detail: String| HypervisorError::Qmp {
+        command: command.into(),
+        detail,
+    };
     let fut = async {
-        let s = UnixStream::connect(socket).await.map_err(|e| err(format!("{}: {e}", socket.display())))?;
+        let s = UnixStream::connect(socket)
+            .await
+            .map_err(|e| err(format!("{}: {e}", socket.display())))?;
         let (r, mut w) = s.into_split();
         let mut r = BufReader::new(r);
         read_reply(&mut r).await.map_err(err)?; // greeting
@@ -39,12 +44,18 @@ pub async fn execute(socket: &Path, command: &str, timeout: Duration) -> Result<
         }
         Err(err("no reply".into()))
     };
-    tokio::time::timeout(timeout, fut).await.map_err(|_| err(format!("no reply within {} ms", timeout.as_millis())))?
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| err(format!("no reply within {} ms", timeout.as_millis())))?
 }
 
 async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> Result<Value, String> {
     let mut line = Vec::new();
-    let n = (&mut *r).take(MAX_LINE as u64).read_until(b'\n', &mut line).await.map_err(|e| e.to_string())?;
+    let n = (&mut *r)
+        .take(MAX_LINE as u64)
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(|e| e.to_string())?;
     if n == 0 {
         return Err("QEMU closed the monitor".into());
     }

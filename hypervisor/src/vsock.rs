@@ -38,14 +38,20 @@ impl Dialer {
         let fut = async {
             match self {
                 Dialer::Hybrid { uds } => {
-                    let mut s = UnixStream::connect(uds).await.map_err(|e| err(format!("{}: {e}", uds.display())))?;
-                    s.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(|e| err(e.to_string()))?;
+                    let mut s = UnixStream::connect(uds)
+                        .await
+                        .map_err(|e| err(format!("{}: {e}", uds.display())))?;
+                    s.write_all(format!("CONNECT {port}\n").as_bytes())
+                        .await
+                        .map_err(|e| err(e.to_string()))?;
                     // Read the reply byte by byte: anything after the newline is stream data.
                     let mut line = Vec::new();
                     let mut r = BufReader::with_capacity(1, &mut s);
                     loop {
                         let buf = r.fill_buf().await.map_err(|e| err(e.to_string()))?;
-                        let Some(&b) = buf.first() else { return Err(err("closed during the handshake".into())) };
+                        let Some(&b) = buf.first() else {
+                            return Err(err("closed during the handshake".into()));
+                        };
                         r.consume(1);
                         if b == b'\n' {
                             break;

@@ -1,2 +1,267 @@
-//! Translating the OCI runtime spec containerd gives the shim (host view) into the spec
-//! the guest agent runs (guest view). Filled in with the containerd shim.
+//! From the OCI runtime spec containerd hands the shim (written for the host) to the spec
+//! the guest agent runs.
+//!
+//! - [`load_spec`]: reads a bundle's config.json; a bad file is an error naming it.
+//! - [`Annotations`]: the annotations vmbox understands (sandbox grouping, VM size);
+//!   an out-of-range value is an error naming the annotation.
+//! - [`to_guest`]: drops what only means something on the host (namespace paths, cgroup
+//!   paths, host devices, hooks) and maps bind mounts to paths in the shared directory.
+//!
+//! Never touches the filesystem beyond reading config.json and checking bind sources.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::Spec;
+use vmbox_config::{MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
+use vmbox_protocol::GUEST_SHARED_MOUNT;
+
+pub const ANN_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+pub const ANN_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+pub const ANN_VCPUS: &str = "io.vmbox.vcpus";
+pub const ANN_MEMORY_MIB: &str = "io.vmbox.memory_mib";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid OCI runtime spec: {detail}")]
+    Parse { path: PathBuf, detail: String },
+    #[error("annotation {key}={value:?}: {reason}")]
+    Annotation { key: &'static str, value: String, reason: String },
+    #[error("spec field {field}: {reason}")]
+    Field { field: String, reason: String },
+}
+
+/// Reads `bundle/config.json`.
+pub fn load_spec(bundle: &Path) -> Result<Spec, OciError> {
+    let path = bundle.join("config.json");
+    let text = std::fs::read(&path).map_err(|source| OciError::Read { path: path.clone(), source })?;
+    serde_json::from_slice(&text).map_err(|e| OciError::Parse { path, detail: e.to_string() })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerType {
+    /// The pod's sandbox (pause) container, or a lone container.
+    Sandbox,
+    /// A container joining an existing sandbox.
+    Container,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Annotations {
+    /// The sandbox the container belongs to; `None` for a container that is its own sandbox.
+    pub sandbox_id: Option<String>,
+    pub container_type: ContainerType,
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u32>,
+}
+
+impl Annotations {
+    pub fn parse(map: Option<&HashMap<String, String>>) -> Result<Annotations, OciError> {
+        let empty = HashMap::new();
+        let map = map.unwrap_or(&empty);
+        let container_type = match map.get(ANN_CONTAINER_TYPE).map(String::as_str) {
+            None | Some("sandbox") => ContainerType::Sandbox,
+            Some("container") => ContainerType::Container,
+            Some(v) => {
+                return Err(OciError::Annotation {
+                    key: ANN_CONTAINER_TYPE,
+                    value: v.into(),
+                    reason: "expected \"sandbox\" or \"container\"".into(),
+                })
+            }
+        };
+        let number = |key: &'static str, min: u32, max: u32| -> Result<Option<u32>, OciError> {
+            let Some(v) = map.get(key) else { return Ok(None) };
+            let bad = |reason: String| OciError::Annotation { key, value: v.clone(), reason };
+            let n: u64 = v.trim().parse().map_err(|_| bad("expected a whole number".into()))?;
+            if n < min as u64 || n > max as u64 {
+                return Err(bad(format!("expected {min} to {max}")));
+            }
+            Ok(Some(n as u32))
+        };
+        let sandbox_id = map.get(ANN_SANDBOX_ID).cloned().filter(|s| !s.is_empty());
+        if let Some(id) = &sandbox_id {
+            if !valid_id(id) {
+                return Err(OciError::Annotation {
+                    key: ANN_SANDBOX_ID,
+                    value: id.clone(),
+                    reason: "expected 1-128 of [A-Za-z0-9_.-]".into(),
+                });
+            }
+        }
+        Ok(Annotations {
+            sandbox_id,
+            container_type,
+            vcpus: number(ANN_VCPUS, 1, MAX_VCPUS)?,
+            memory_mib: number(ANN_MEMORY_MIB, MIN_MEMORY_MIB, MAX_MEMORY_MIB)?,
+        })
+    }
+}
+
+/// Ids become file names and QEMU options: a small alphabet only.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+/// A host path the guest needs: bind-mount `source` at `share_rel` in the shared directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedBind {
+    pub source: PathBuf,
+    /// Relative to the sandbox's shared directory.
+    pub share_rel: String,
+    pub readonly: bool,
+}
+
+/// The guest's spec and the host binds it relies on.
+#[derive(Debug)]
+pub struct GuestSpec {
+    pub spec: Spec,
+    pub binds: Vec<SharedBind>,
+}
+
+fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
+    m.typ().as_deref() == Some("bind")
+        || m.options().as_ref().is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
+/// Translates `spec` for container `id`, whose shared files live under `id/` in the share.
+pub fn to_guest(spec: &Spec, id: &str) -> Result<GuestSpec, OciError> {
+    let mut spec = spec.clone();
+    if spec.process().is_none() {
+        return Err(OciError::Field { field: "process".into(), reason: "missing".into() });
+    }
+    if let Some(args) = spec.process().as_ref().and_then(|p| p.args().clone()) {
+        if args.is_empty() {
+            return Err(OciError::Field { field: "process.args".into(), reason: "empty".into() });
+        }
+    }
+    let mut binds = Vec::new();
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for (i, m) in mounts.iter_mut().enumerate() {
+        if !is_bind(m) {
+            continue;
+        }
+        let source = m.source().clone().ok_or_else(|| OciError::Field {
+            field: format!("mounts[{i}].source"),
+            reason: "a bind mount needs a source".into(),
+        })?;
+        if !source.exists() {
+            return Err(OciError::Field {
+                field: format!("mounts[{i}].source"),
+                reason: format!("{} does not exist on the host", source.display()),
+            });
+        }
+        let readonly = m.options().as_ref().is_some_and(|o| o.iter().any(|x| x == "ro"));
+        let share_rel = format!("{id}/mounts/{i}");
+        m.set_source(Some(Path::new(GUEST_SHARED_MOUNT).join(&share_rel)));
+        binds.push(SharedBind { source, share_rel, readonly });
+    }
+    spec.set_mounts(Some(mounts));
+    // Host hooks cannot run in the guest.
+    if spec.hooks().is_some() {
+        log::warn!("container {id}: OCI hooks are not run inside the VM; dropped");
+        spec.set_hooks(None);
+    }
+    if let Some(mut linux) = spec.linux().clone() {
+        linux.set_cgroups_path(None);
+        linux.set_devices(None);
+        if let Some(ns) = linux.namespaces_mut() {
+            for n in ns.iter_mut() {
+                n.set_path(None);
+            }
+        }
+        spec.set_linux(Some(linux));
+    }
+    let mut root = spec.root().clone().unwrap_or_default();
+    root.set_path(PathBuf::from("rootfs"));
+    spec.set_root(Some(root));
+    Ok(GuestSpec { spec, binds })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ann(pairs: &[(&str, &str)]) -> Result<Annotations, OciError> {
+        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Annotations::parse(Some(&m))
+    }
+
+    #[test]
+    fn annotations_parse_and_reject_out_of_range_values_by_name() {
+        let a = ann(&[(ANN_SANDBOX_ID, "pod1"), (ANN_CONTAINER_TYPE, "container"), (ANN_VCPUS, "2")]).unwrap();
+        assert_eq!(a.sandbox_id.as_deref(), Some("pod1"));
+        assert_eq!(a.container_type, ContainerType::Container);
+        assert_eq!(a.vcpus, Some(2));
+        let e = ann(&[(ANN_VCPUS, "0")]).unwrap_err().to_string();
+        assert!(e.contains(ANN_VCPUS) && e.contains("\"0\""), "{e}");
+        let e = ann(&[(ANN_MEMORY_MIB, "1048576")]).unwrap_err().to_string();
+        assert!(e.contains(ANN_MEMORY_MIB), "{e}");
+        let e = ann(&[(ANN_CONTAINER_TYPE, "pet")]).unwrap_err().to_string();
+        assert!(e.contains(ANN_CONTAINER_TYPE), "{e}");
+        let e = ann(&[(ANN_SANDBOX_ID, "../x")]).unwrap_err().to_string();
+        assert!(e.contains(ANN_SANDBOX_ID), "{e}");
+    }
+
+    #[test]
+    fn bad_config_json_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("vmbox-oci-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), "{ not json").unwrap();
+        let e = load_spec(&dir).unwrap_err().to_string();
+        assert!(e.contains("config.json"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn host_only_parts_are_dropped_and_binds_mapped() {
+        let mut spec = Spec::default();
+        let mut linux = spec.linux().clone().unwrap();
+        linux.set_cgroups_path(Some("/host/cg".into()));
+        let mut ns = linux.namespaces().clone().unwrap();
+        ns[0].set_path(Some("/proc/1/ns/net".into()));
+        linux.set_namespaces(Some(ns));
+        spec.set_linux(Some(linux));
+        let mut mounts = spec.mounts().clone().unwrap();
+        let bind = oci_spec::runtime::MountBuilder::default()
+            .destination("/data")
+            .typ("bind")
+            .source("/tmp")
+            .options(vec!["rbind".to_string(), "ro".to_string()])
+            .build()
+            .unwrap();
+        mounts.push(bind);
+        spec.set_mounts(Some(mounts));
+        let g = to_guest(&spec, "c1").unwrap();
+        let linux = g.spec.linux().as_ref().unwrap();
+        assert!(linux.cgroups_path().is_none());
+        assert!(linux.namespaces().as_ref().unwrap().iter().all(|n| n.path().is_none()));
+        assert_eq!(g.binds.len(), 1);
+        assert!(g.binds[0].readonly);
+        let data = g.spec.mounts().as_ref().unwrap().iter().find(|m| m.destination() == Path::new("/data")).unwrap();
+        assert_eq!(data.source().as_deref(), Some(Path::new(&format!("{GUEST_SHARED_MOUNT}/{}", g.binds[0].share_rel))));
+    }
+
+    #[test]
+    fn a_missing_bind_source_is_named() {
+        let mut spec = Spec::default();
+        let m = oci_spec::runtime::MountBuilder::default()
+            .destination("/data")
+            .typ("bind")
+            .source("/nonexistent/vmbox")
+            .build()
+            .unwrap();
+        spec.set_mounts(Some(vec![m]));
+        let e = to_guest(&spec, "c1").unwrap_err().to_string();
+        assert!(e.contains("mounts[0].source") && e.contains("/nonexistent/vmbox"), "{e}");
+    }
+}

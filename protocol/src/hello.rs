@@ -20,9 +20,16 @@ pub async fn write_hello<W: AsyncWrite + Unpin>(w: &mut W, hello: &Hello) -> Res
         detail: e.to_string(),
     })?;
     if body.len() > MAX_HELLO_LEN {
-        return Err(ProtocolError::TooLarge { what: "hello", len: body.len(), max: MAX_HELLO_LEN });
+        return Err(ProtocolError::TooLarge {
+            what: "hello",
+            len: body.len(),
+            max: MAX_HELLO_LEN,
+        });
     }
-    let io = |source| ProtocolError::Io { what: "hello stream", source };
+    let io = |source| ProtocolError::Io {
+        what: "hello stream",
+        source,
+    };
     w.write_all(&(body.len() as u32).to_be_bytes()).await.map_err(io)?;
     w.write_all(&body).await.map_err(io)?;
     w.flush().await.map_err(io)
@@ -30,12 +37,19 @@ pub async fn write_hello<W: AsyncWrite + Unpin>(w: &mut W, hello: &Hello) -> Res
 
 /// Reads one framed hello and checks its protocol version.
 pub async fn read_hello<R: AsyncRead + Unpin>(r: &mut R) -> Result<Hello, ProtocolError> {
-    let io = |source| ProtocolError::Io { what: "hello stream", source };
+    let io = |source| ProtocolError::Io {
+        what: "hello stream",
+        source,
+    };
     let mut len = [0u8; 4];
     r.read_exact(&mut len).await.map_err(io)?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_HELLO_LEN {
-        return Err(ProtocolError::TooLarge { what: "hello", len, max: MAX_HELLO_LEN });
+        return Err(ProtocolError::TooLarge {
+            what: "hello",
+            len,
+            max: MAX_HELLO_LEN,
+        });
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await.map_err(io)?;
@@ -87,7 +101,11 @@ mod tests {
 
     #[tokio::test]
     async fn version_mismatch_names_both_versions() {
-        let hello = Hello { protocol_version: PROTOCOL_VERSION + 1, agent_version: "9.9".into(), ..Default::default() };
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION + 1,
+            agent_version: "9.9".into(),
+            ..Default::default()
+        };
         let mut buf = Vec::new();
         write_hello(&mut buf, &hello).await.unwrap();
         let err = read_hello(&mut buf.as_slice()).await.unwrap_err().to_string();

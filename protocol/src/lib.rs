@@ -20,6 +20,10 @@ pub mod agent_ttrpc {
 pub mod hello;
 pub mod stream;
 
+/// Where the guest mounts the sandbox's shared directory (virtio-fs). Paths in requests
+/// that refer to shared files are below it.
+pub const GUEST_SHARED_MOUNT: &str = "/run/vmbox/shared";
+
 /// Bumped on every incompatible change of the protocol; host and guest must agree.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -41,11 +45,7 @@ pub enum ProtocolError {
         source: std::io::Error,
     },
     #[error("{what} of {len} bytes exceeds the limit of {max} bytes")]
-    TooLarge {
-        what: &'static str,
-        len: usize,
-        max: usize,
-    },
+    TooLarge { what: &'static str, len: usize, max: usize },
     #[error("malformed {what}: {detail}")]
     Malformed { what: &'static str, detail: String },
     #[error(

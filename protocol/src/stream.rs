@@ -17,12 +17,18 @@ pub const HEADER_LEN: usize = 12;
 /// Writes the header announcing stream `id` (never 0: 0 means "no stream").
 pub async fn write_header<W: AsyncWrite + Unpin>(w: &mut W, id: u64) -> Result<(), ProtocolError> {
     if id == 0 {
-        return Err(ProtocolError::Malformed { what: "stream header", detail: "stream id 0 is reserved".into() });
+        return Err(ProtocolError::Malformed {
+            what: "stream header",
+            detail: "stream id 0 is reserved".into(),
+        });
     }
     let mut h = [0u8; HEADER_LEN];
     h[..4].copy_from_slice(MAGIC);
     h[4..].copy_from_slice(&id.to_be_bytes());
-    let io = |source| ProtocolError::Io { what: "stdio stream", source };
+    let io = |source| ProtocolError::Io {
+        what: "stdio stream",
+        source,
+    };
     w.write_all(&h).await.map_err(io)?;
     w.flush().await.map_err(io)
 }
@@ -30,14 +36,23 @@ pub async fn write_header<W: AsyncWrite + Unpin>(w: &mut W, id: u64) -> Result<(
 /// Reads a stream header and returns its id.
 pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<u64, ProtocolError> {
     let mut h = [0u8; HEADER_LEN];
-    r.read_exact(&mut h).await.map_err(|source| ProtocolError::Io { what: "stdio stream", source })?;
+    r.read_exact(&mut h).await.map_err(|source| ProtocolError::Io {
+        what: "stdio stream",
+        source,
+    })?;
     if &h[..4] != MAGIC {
-        return Err(ProtocolError::Malformed { what: "stream header", detail: format!("bad magic {:?}", &h[..4]) });
+        return Err(ProtocolError::Malformed {
+            what: "stream header",
+            detail: format!("bad magic {:?}", &h[..4]),
+        });
     }
     let mut id = [0u8; 8];
     id.copy_from_slice(&h[4..]);
     match u64::from_be_bytes(id) {
-        0 => Err(ProtocolError::Malformed { what: "stream header", detail: "stream id 0 is reserved".into() }),
+        0 => Err(ProtocolError::Malformed {
+            what: "stream header",
+            detail: "stream id 0 is reserved".into(),
+        }),
         id => Ok(id),
     }
 }

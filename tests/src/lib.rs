@@ -126,7 +126,13 @@ impl TestVm {
         let vm = QemuVm::start(&config, spec).await.context("boot")?;
         let conn = vm.connect(vmbox_protocol::AGENT_PORT).await?;
         let agent = vmbox_protocol::client(conn);
-        Ok(TestVm { vm, agent, shared, config, next_stream: 1.into() })
+        Ok(TestVm {
+            vm,
+            agent,
+            shared,
+            config,
+            next_stream: 1.into(),
+        })
     }
 
     /// Opens a stdio stream and returns its id and connection.
@@ -142,7 +148,11 @@ impl TestVm {
         let (out_id, out) = self.stream().await?;
         let (err_id, err) = self.stream().await?;
         let mut stdin = None;
-        let mut stdio = Stdio { stdout: out_id, stderr: err_id, ..Default::default() };
+        let mut stdio = Stdio {
+            stdout: out_id,
+            stderr: err_id,
+            ..Default::default()
+        };
         if with_stdin {
             let (in_id, s) = self.stream().await?;
             stdio.stdin = in_id;
@@ -155,27 +165,51 @@ impl TestVm {
             stdio: Some(stdio).into(),
             ..Default::default()
         };
-        self.agent.create_container(ctx(), &req).await.context("CreateContainer")?;
-        Ok(Streams { stdin, stdout: out, stderr: err })
+        self.agent
+            .create_container(ctx(), &req)
+            .await
+            .context("CreateContainer")?;
+        Ok(Streams {
+            stdin,
+            stdout: out,
+            stderr: err,
+        })
     }
 
     pub async fn start(&self, id: &str) -> Result<u32> {
         let r = self
             .agent
-            .start_container(ctx(), &ContainerRequest { container_id: id.into(), ..Default::default() })
+            .start_container(
+                ctx(),
+                &ContainerRequest {
+                    container_id: id.into(),
+                    ..Default::default()
+                },
+            )
             .await
             .context("StartContainer")?;
         Ok(r.pid)
     }
 
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<WaitProcessResponse> {
-        let req = ProcessRequest { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() };
-        Ok(self.agent.wait_process(ctx(), &req).await.context("WaitProcess")?)
+        let req = ProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.agent.wait_process(ctx(), &req).await.context("WaitProcess")
     }
 
     pub async fn remove(&self, id: &str) -> Result<()> {
-        let req = RemoveContainerRequest { container_id: id.into(), force: true, ..Default::default() };
-        self.agent.remove_container(ctx(), &req).await.context("RemoveContainer")?;
+        let req = RemoveContainerRequest {
+            container_id: id.into(),
+            force: true,
+            ..Default::default()
+        };
+        self.agent
+            .remove_container(ctx(), &req)
+            .await
+            .context("RemoveContainer")?;
         Ok(())
     }
 
@@ -193,7 +227,13 @@ impl TestVm {
     pub async fn shutdown(self) -> Result<ShutdownResponse> {
         let r = self
             .agent
-            .shutdown(ctx(), &ShutdownRequest { grace_period_ms: 2000, ..Default::default() })
+            .shutdown(
+                ctx(),
+                &ShutdownRequest {
+                    grace_period_ms: 2000,
+                    ..Default::default()
+                },
+            )
             .await
             .context("Shutdown")?;
         if self.vm.wait_exit(Duration::from_secs(20)).await.is_none() {
@@ -221,10 +261,11 @@ impl Streams {
             tokio::try_join!(self.stdout.read_to_end(&mut out), self.stderr.read_to_end(&mut err))?;
             Ok::<_, std::io::Error>(())
         };
-        tokio::time::timeout(Duration::from_secs(120), both).await.context("stdio did not end within 120 s")??;
+        tokio::time::timeout(Duration::from_secs(120), both)
+            .await
+            .context("stdio did not end within 120 s")??;
         Ok((out, err))
     }
-
 }
 
 /// Sends `data` on a stdin stream, then closes it (the process sees EOF).
@@ -237,10 +278,14 @@ pub async fn send_and_close(mut s: Conn, data: &[u8]) -> Result<()> {
 /// Host processes whose command line mentions `needle` (for leak checks).
 pub fn processes_mentioning(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return found };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
     for e in entries.flatten() {
         let name = e.file_name();
-        let Some(pid) = name.to_str().filter(|n| n.chars().all(|c| c.is_ascii_digit())) else { continue };
+        let Some(pid) = name.to_str().filter(|n| n.chars().all(|c| c.is_ascii_digit())) else {
+            continue;
+        };
         if pid == std::process::id().to_string() {
             continue;
         }

@@ -38,7 +38,11 @@ async fn containers_report_output_exit_codes_and_signals() {
     // A process killed by SIGKILL reports the signal.
     let mut s = t.create("killed", &["sleep", "600"], false).await.unwrap();
     t.start("killed").await.unwrap();
-    let req = SignalProcessRequest { container_id: "killed".into(), signal: 9, ..Default::default() };
+    let req = SignalProcessRequest {
+        container_id: "killed".into(),
+        signal: 9,
+        ..Default::default()
+    };
     t.agent.signal_process(ctx(), &req).await.unwrap();
     let exit = t.wait("killed", "").await.unwrap();
     assert_eq!((exit.exit_status, exit.signal), (128 + 9, 9));
@@ -61,13 +65,17 @@ async fn exec_and_tty_resize() {
         container_id: "c1".into(),
         exec_id: "e1".into(),
         process: serde_json::to_vec(&process(&["sh", "-c", "cat /proc/1/cmdline; echo; hostname"], false)).unwrap(),
-        stdio: Some(Stdio { stdout: out_id, ..Default::default() }).into(),
+        stdio: Some(Stdio {
+            stdout: out_id,
+            ..Default::default()
+        })
+        .into(),
         ..Default::default()
     };
     t.agent.exec_process(ctx(), &req).await.unwrap();
     let mut text = String::new();
     out.read_to_string(&mut text).await.unwrap();
-    assert_eq!(text, "sleep\0600\0\nvmbox\n");
+    assert_eq!(text, "sleep\x00600\x00\nvmbox\n");
     assert_eq!(t.wait("c1", "e1").await.unwrap().exit_status, 0);
 
     // A tty process: resize, then `stty size` reports the new size.
@@ -77,21 +85,40 @@ async fn exec_and_tty_resize() {
         container_id: "c1".into(),
         exec_id: "tty".into(),
         process: serde_json::to_vec(&process(&["sh", "-c", "read line; stty size"], true)).unwrap(),
-        stdio: Some(Stdio { stdin: in_id, stdout: tout_id, terminal: true, ..Default::default() }).into(),
+        stdio: Some(Stdio {
+            stdin: in_id,
+            stdout: tout_id,
+            terminal: true,
+            ..Default::default()
+        })
+        .into(),
         ..Default::default()
     };
     t.agent.exec_process(ctx(), &req).await.unwrap();
-    let resize = ResizePtyRequest { container_id: "c1".into(), exec_id: "tty".into(), rows: 42, cols: 123, ..Default::default() };
+    let resize = ResizePtyRequest {
+        container_id: "c1".into(),
+        exec_id: "tty".into(),
+        rows: 42,
+        cols: 123,
+        ..Default::default()
+    };
     t.agent.resize_pty(ctx(), &resize).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut tin, b"go\n").await.unwrap();
     let exit = t.wait("c1", "tty").await.unwrap();
     assert_eq!(exit.exit_status, 0);
     let mut screen = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), tout.read_to_end(&mut screen)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(30), tout.read_to_end(&mut screen))
+        .await
+        .unwrap()
+        .unwrap();
     let screen = String::from_utf8_lossy(&screen);
     assert!(screen.contains("42 123"), "tty output: {screen:?}");
 
-    let req = SignalProcessRequest { container_id: "c1".into(), signal: 9, ..Default::default() };
+    let req = SignalProcessRequest {
+        container_id: "c1".into(),
+        signal: 9,
+        ..Default::default()
+    };
     t.agent.signal_process(ctx(), &req).await.unwrap();
     t.wait("c1", "").await.unwrap();
     init.read_output().await.unwrap();
@@ -133,7 +160,11 @@ async fn stdin_and_stdout_carry_every_byte() {
     let (status, out, err) = t.run("blob", &["sh", "-c", script]).await.unwrap();
     assert_eq!(status, 0);
     assert_eq!(out.len(), 100 << 20);
-    let guest_digest = String::from_utf8_lossy(&err).split_whitespace().next().unwrap_or("").to_string();
+    let guest_digest = String::from_utf8_lossy(&err)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string();
     assert_eq!(format!("{:x}", Sha256::digest(&out)), guest_digest);
 
     t.shutdown().await.unwrap();
@@ -150,9 +181,15 @@ async fn a_wrong_kernel_path_fails_clearly_and_leaves_nothing() {
         vcpus: 1,
         memory_mib: 128,
     };
-    let err = vmbox_hypervisor::qemu::QemuVm::start(&config, spec).await.err().expect("start must fail");
+    let err = vmbox_hypervisor::qemu::QemuVm::start(&config, spec)
+        .await
+        .err()
+        .expect("start must fail");
     let msg = err.to_string();
-    assert!(msg.contains("/nonexistent/vmlinuz") && msg.contains("make guest"), "{msg}");
+    assert!(
+        msg.contains("/nonexistent/vmlinuz") && msg.contains("make guest"),
+        "{msg}"
+    );
     assert!(!config.state_dir.join("vm").exists());
 }
 
@@ -167,11 +204,30 @@ async fn an_agent_that_never_answers_times_out_with_the_console_and_leaves_nothi
     vmbox_guest::write_cpio(
         &mut img,
         &[
-            vmbox_guest::Entry::Dir { path: "bin", mode: 0o755 },
-            vmbox_guest::Entry::File { path: "bin/busybox", mode: 0o755, data: &busybox },
-            vmbox_guest::Entry::Dir { path: "dev", mode: 0o755 },
-            vmbox_guest::Entry::CharDev { path: "dev/console", mode: 0o600, major: 5, minor: 1 },
-            vmbox_guest::Entry::File { path: "init", mode: 0o755, data: script },
+            vmbox_guest::Entry::Dir {
+                path: "bin",
+                mode: 0o755,
+            },
+            vmbox_guest::Entry::File {
+                path: "bin/busybox",
+                mode: 0o755,
+                data: &busybox,
+            },
+            vmbox_guest::Entry::Dir {
+                path: "dev",
+                mode: 0o755,
+            },
+            vmbox_guest::Entry::CharDev {
+                path: "dev/console",
+                mode: 0o600,
+                major: 5,
+                minor: 1,
+            },
+            vmbox_guest::Entry::File {
+                path: "init",
+                mode: 0o755,
+                data: script,
+            },
         ],
     )
     .unwrap();
@@ -187,11 +243,21 @@ async fn an_agent_that_never_answers_times_out_with_the_console_and_leaves_nothi
         memory_mib: 128,
     };
     let started = std::time::Instant::now();
-    let err = vmbox_hypervisor::qemu::QemuVm::start(&config, spec).await.err().expect("start must fail");
+    let err = vmbox_hypervisor::qemu::QemuVm::start(&config, spec)
+        .await
+        .err()
+        .expect("start must fail");
     let msg = err.to_string();
     assert!(msg.contains("did not say hello within 8000 ms"), "{msg}");
-    assert!(msg.contains("silent-guest-booted"), "the console tail is in the error: {msg}");
-    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    assert!(
+        msg.contains("silent-guest-booted"),
+        "the console tail is in the error: {msg}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
     assert!(!run_dir.exists(), "{} left behind", run_dir.display());
     let left = processes_mentioning(&run_dir.display().to_string());
     assert!(left.is_empty(), "processes left: {left:?}");
