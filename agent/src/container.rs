@@ -115,7 +115,7 @@ impl Containers {
         }
     }
 
-    pub async fn create(&self, id: &str, spec_json: &[u8], rootfs: &str, stdio: &Stdio) -> Result<(), AgentError> {
+    pub async fn create(&self, id: &str, spec_json: &[u8], rootfs: &str, stdio: &Stdio) -> Result<i32, AgentError> {
         check_id("container_id", id)?;
         if self.map.lock().await.contains_key(id) {
             return Err(AgentError::Invalid(format!("container {id} already exists")));
@@ -166,7 +166,7 @@ impl Containers {
                 execs: HashMap::new(),
             },
         );
-        Ok(())
+        Ok(pid)
     }
 
     pub async fn start(&self, id: &str) -> Result<i32, AgentError> {

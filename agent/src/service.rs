@@ -44,15 +44,17 @@ impl Agent for Service {
         })
     }
 
-    async fn create_container(&self, _: &TtrpcContext, r: CreateContainerRequest) -> Res<Empty> {
+    async fn create_container(&self, _: &TtrpcContext, r: CreateContainerRequest) -> Res<PidResponse> {
         let stdio = r.stdio.clone().unwrap_or_default();
-        reply(
-            "create_container",
-            self.containers
-                .create(&r.container_id, &r.oci_spec, &r.rootfs, &stdio)
-                .await,
-        )?;
-        Ok(Empty::new())
+        let created = self
+            .containers
+            .create(&r.container_id, &r.oci_spec, &r.rootfs, &stdio)
+            .await;
+        let pid = reply("create_container", created)?;
+        Ok(PidResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
     }
 
     async fn start_container(&self, _: &TtrpcContext, r: ContainerRequest) -> Res<PidResponse> {

@@ -32,7 +32,11 @@ pub enum OciError {
     #[error("{path} is not a valid OCI runtime spec: {detail}")]
     Parse { path: PathBuf, detail: String },
     #[error("annotation {key}={value:?}: {reason}")]
-    Annotation { key: &'static str, value: String, reason: String },
+    Annotation {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
     #[error("spec field {field}: {reason}")]
     Field { field: String, reason: String },
 }
@@ -40,8 +44,14 @@ pub enum OciError {
 /// Reads `bundle/config.json`.
 pub fn load_spec(bundle: &Path) -> Result<Spec, OciError> {
     let path = bundle.join("config.json");
-    let text = std::fs::read(&path).map_err(|source| OciError::Read { path: path.clone(), source })?;
-    serde_json::from_slice(&text).map_err(|e| OciError::Parse { path, detail: e.to_string() })
+    let text = std::fs::read(&path).map_err(|source| OciError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    serde_json::from_slice(&text).map_err(|e| OciError::Parse {
+        path,
+        detail: e.to_string(),
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +88,11 @@ impl Annotations {
         };
         let number = |key: &'static str, min: u32, max: u32| -> Result<Option<u32>, OciError> {
             let Some(v) = map.get(key) else { return Ok(None) };
-            let bad = |reason: String| OciError::Annotation { key, value: v.clone(), reason };
+            let bad = |reason: String| OciError::Annotation {
+                key,
+                value: v.clone(),
+                reason,
+            };
             let n: u64 = v.trim().parse().map_err(|_| bad("expected a whole number".into()))?;
             if n < min as u64 || n > max as u64 {
                 return Err(bad(format!("expected {min} to {max}")));
@@ -130,18 +144,26 @@ pub struct GuestSpec {
 
 fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
     m.typ().as_deref() == Some("bind")
-        || m.options().as_ref().is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+        || m.options()
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
 }
 
 /// Translates `spec` for container `id`, whose shared files live under `id/` in the share.
 pub fn to_guest(spec: &Spec, id: &str) -> Result<GuestSpec, OciError> {
     let mut spec = spec.clone();
     if spec.process().is_none() {
-        return Err(OciError::Field { field: "process".into(), reason: "missing".into() });
+        return Err(OciError::Field {
+            field: "process".into(),
+            reason: "missing".into(),
+        });
     }
     if let Some(args) = spec.process().as_ref().and_then(|p| p.args().clone()) {
         if args.is_empty() {
-            return Err(OciError::Field { field: "process.args".into(), reason: "empty".into() });
+            return Err(OciError::Field {
+                field: "process.args".into(),
+                reason: "empty".into(),
+            });
         }
     }
     let mut binds = Vec::new();
@@ -163,7 +185,11 @@ pub fn to_guest(spec: &Spec, id: &str) -> Result<GuestSpec, OciError> {
         let readonly = m.options().as_ref().is_some_and(|o| o.iter().any(|x| x == "ro"));
         let share_rel = format!("{id}/mounts/{i}");
         m.set_source(Some(Path::new(GUEST_SHARED_MOUNT).join(&share_rel)));
-        binds.push(SharedBind { source, share_rel, readonly });
+        binds.push(SharedBind {
+            source,
+            share_rel,
+            readonly,
+        });
     }
     spec.set_mounts(Some(mounts));
     // Host hooks cannot run in the guest.
@@ -198,7 +224,12 @@ mod tests {
 
     #[test]
     fn annotations_parse_and_reject_out_of_range_values_by_name() {
-        let a = ann(&[(ANN_SANDBOX_ID, "pod1"), (ANN_CONTAINER_TYPE, "container"), (ANN_VCPUS, "2")]).unwrap();
+        let a = ann(&[
+            (ANN_SANDBOX_ID, "pod1"),
+            (ANN_CONTAINER_TYPE, "container"),
+            (ANN_VCPUS, "2"),
+        ])
+        .unwrap();
         assert_eq!(a.sandbox_id.as_deref(), Some("pod1"));
         assert_eq!(a.container_type, ContainerType::Container);
         assert_eq!(a.vcpus, Some(2));
@@ -247,8 +278,18 @@ mod tests {
         assert!(linux.namespaces().as_ref().unwrap().iter().all(|n| n.path().is_none()));
         assert_eq!(g.binds.len(), 1);
         assert!(g.binds[0].readonly);
-        let data = g.spec.mounts().as_ref().unwrap().iter().find(|m| m.destination() == Path::new("/data")).unwrap();
-        assert_eq!(data.source().as_deref(), Some(Path::new(&format!("{GUEST_SHARED_MOUNT}/{}", g.binds[0].share_rel))));
+        let data = g
+            .spec
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.destination() == Path::new("/data"))
+            .unwrap();
+        assert_eq!(
+            data.source().as_deref(),
+            Some(Path::new(&format!("{GUEST_SHARED_MOUNT}/{}", g.binds[0].share_rel)))
+        );
     }
 
     #[test]
@@ -262,6 +303,9 @@ mod tests {
             .unwrap();
         spec.set_mounts(Some(vec![m]));
         let e = to_guest(&spec, "c1").unwrap_err().to_string();
-        assert!(e.contains("mounts[0].source") && e.contains("/nonexistent/vmbox"), "{e}");
+        assert!(
+            e.contains("mounts[0].source") && e.contains("/nonexistent/vmbox"),
+            "{e}"
+        );
     }
 }

@@ -1,0 +1,121 @@
+//! Host-side mounts that make a container's files visible to the guest: its rootfs and
+//! bind mounts go below the sandbox's shared directory, which virtiofsd exports.
+
+use std::path::{Path, PathBuf};
+
+use containerd_shim::protos::api::Mount;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use crate::error::ShimError;
+
+/// Makes `dir` a mount point with shared propagation, so rootfs mounts made below it
+/// after virtiofsd started (in its own mount namespace) still reach virtiofsd.
+pub fn make_shared_mountpoint(dir: &Path) -> Result<(), ShimError> {
+    std::fs::create_dir_all(dir).map_err(ShimError::io(format!("create {}", dir.display())))?;
+    let err = |what: &str| {
+        let what = format!("{what} {}", dir.display());
+        move |e: nix::errno::Errno| ShimError::Io { what, source: e.into() }
+    };
+    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(err("bind-mount"))?;
+    mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED, None::<&str>).map_err(err("make shared"))?;
+    Ok(())
+}
+
+/// Mounts the container's rootfs at `target`: containerd's mounts when it gave any,
+/// else the spec's root path (relative to the bundle) bound in.
+pub fn mount_rootfs(mounts: &[Mount], spec_root: &Path, bundle: &Path, target: &Path) -> Result<(), ShimError> {
+    std::fs::create_dir_all(target).map_err(ShimError::io(format!("create {}", target.display())))?;
+    if mounts.is_empty() {
+        let src = if spec_root.is_absolute() {
+            spec_root.to_path_buf()
+        } else {
+            bundle.join(spec_root)
+        };
+        if !src.is_dir() {
+            return Err(ShimError::Invalid(format!(
+                "rootfs {} does not exist (root.path in config.json)",
+                src.display()
+            )));
+        }
+        return bind(&src, target, false);
+    }
+    for m in mounts {
+        let src = Path::new(&m.source);
+        if m.type_ != "overlay" && m.type_ != "tmpfs" && !src.exists() {
+            return Err(ShimError::Invalid(format!(
+                "rootfs mount source {} does not exist",
+                m.source
+            )));
+        }
+        containerd_shim::mount::mount_rootfs(Some(&m.type_), Some(&m.source), &m.options, target)
+            .map_err(|e| ShimError::Invalid(format!("mount rootfs ({} {}): {e}", m.type_, m.source)))?;
+    }
+    Ok(())
+}
+
+/// Bind-mounts `src` (file or directory) at `target`, read-only if asked.
+pub fn bind(src: &Path, target: &Path, readonly: bool) -> Result<(), ShimError> {
+    if src.is_dir() {
+        std::fs::create_dir_all(target).map_err(ShimError::io(format!("create {}", target.display())))?;
+    } else {
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(ShimError::io(format!("create {}", parent.display())))?;
+        }
+        std::fs::write(target, b"").map_err(ShimError::io(format!("create {}", target.display())))?;
+    }
+    let err = |what: &'static str| {
+        let what = format!("{what} {} on {}", src.display(), target.display());
+        move |e: nix::errno::Errno| ShimError::Io { what, source: e.into() }
+    };
+    mount(
+        Some(src),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(err("bind"))?;
+    if readonly {
+        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(err("read-only remount"))?;
+    }
+    Ok(())
+}
+
+/// Mount points at or below `dir`, deepest first (from /proc/self/mountinfo).
+pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
+}
+
+/// Unmounts everything at or below `dir`, then removes it. Errors are logged: cleanup
+/// goes as far as it can.
+pub fn unmount_and_remove(dir: &Path) {
+    for m in mounts_below(dir) {
+        if let Err(e) = umount2(&m, MntFlags::empty()) {
+            log::debug!("umount {}: {e}; detaching", m.display());
+            if let Err(e) = umount2(&m, MntFlags::MNT_DETACH) {
+                log::warn!("umount {}: {e}", m.display());
+            }
+        }
+    }
+    // Never recurse into something still mounted: that would delete the host's files.
+    let left = mounts_below(dir);
+    if !left.is_empty() {
+        log::error!("not removing {}: still mounted: {left:?}", dir.display());
+        return;
+    }
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("remove {}: {e}", dir.display());
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! The shim process's lifecycle: `start` (find or spawn the sandbox's shim), `delete`
+//! (clean up after a shim that died), and serving the task service.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::publisher::RemotePublisher;
+use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::protos::api::DeleteResponse;
+use containerd_shim::{Config as ShimConfig, Error, Flags, StartOpts};
+use vmbox_config::Config;
+use vmbox_oci::Annotations;
+
+use crate::container::now;
+use crate::sandbox::{cleanup_dead, sandbox_dir};
+use crate::task::TaskService;
+
+pub struct Service {
+    id: String,
+    namespace: String,
+    config: Result<Config, String>,
+    exit: Arc<ExitSignal>,
+}
+
+/// The sandbox a bundle's container belongs to (its own id when it is alone).
+fn sandbox_of(bundle: &Path, id: &str) -> String {
+    vmbox_oci::load_spec(bundle)
+        .ok()
+        .and_then(|s| Annotations::parse(s.annotations().as_ref()).ok())
+        .and_then(|a| a.sandbox_id)
+        .unwrap_or_else(|| id.to_string())
+}
+
+#[async_trait]
+impl Shim for Service {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, config: &mut ShimConfig) -> Self {
+        // The one reaper on the host side is per child (see vmbox-hypervisor); the crate's
+        // waitpid(-1) reaper would steal QEMU's and the daemons' exit statuses.
+        config.no_reaper = true;
+        // Orphans (e.g. a daemon's helper) go to init, not to a shim that never reaps them.
+        config.no_sub_reaper = true;
+        let cfg = Config::load().map_err(|e| e.to_string());
+        if let Ok(c) = &cfg {
+            config.default_log_level = c.log_level.clone();
+        }
+        Service {
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            config: cfg,
+            exit: Arc::default(),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
+        let bundle = std::env::current_dir().map_err(|e| Error::Other(format!("cwd: {e}")))?;
+        let grouping = sandbox_of(&bundle, &opts.id);
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        std::fs::write(bundle.join("address"), &address).map_err(|e| Error::Other(format!("write address: {e}")))?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
+        // containerd runs this when the shim is gone: stop what it left.
+        let bundle = std::env::current_dir().map_err(|e| Error::Other(format!("cwd: {e}")))?;
+        let sandbox = sandbox_of(&bundle, &self.id);
+        if let Ok(config) = &self.config {
+            let dir = sandbox_dir(config, &self.namespace, &sandbox);
+            if dir.exists() {
+                log::warn!("cleaning up after a dead shim: {}", dir.display());
+                tokio::task::spawn_blocking(move || cleanup_dead(&dir)).await.ok();
+            }
+        }
+        Ok(DeleteResponse {
+            pid: 0,
+            exit_status: 137,
+            exited_at: Some(now()).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        let task = TaskService::new(self.config.clone(), &self.namespace, publisher, self.exit.clone());
+        crate::signals::graceful_on_sigterm(task.inner(), self.exit.clone());
+        task
+    }
+}
