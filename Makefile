@@ -35,6 +35,7 @@ initramfs: agent
 guest: kernel initramfs
 
 install: build guest
+	install -D -m 0755 target/release/containerd-shim-vmbox-v2 $(DESTDIR)$(PREFIX)/bin/containerd-shim-vmbox-v2
 	install -D -m 0755 $(GUEST_OUT)/vmlinuz $(DESTDIR)$(SHARE_DIR)/vmlinuz
 	install -D -m 0644 $(GUEST_OUT)/initramfs.img $(DESTDIR)$(SHARE_DIR)/initramfs.img
 	@if [ ! -f $(DESTDIR)$(CONFIG_DIR)/config.toml ]; then \

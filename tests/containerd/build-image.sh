@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Builds a busybox OCI image (from Debian's busybox-static) as an OCI layout tarball that
+# `ctr image import` takes; no registry needed. Deterministic: same input, same digests.
+#   usage: build-image.sh OUT.tar [IMAGE_NAME]
+set -euo pipefail
+out=${1:?usage: build-image.sh OUT.tar [IMAGE_NAME]}
+name=${2:-docker.io/vmbox/busybox:latest}
+busybox=$(command -v busybox || true)
+[ -x /bin/busybox ] && busybox=/bin/busybox
+[ -n "$busybox" ] || { echo "build-image: busybox not found: apt-get install busybox-static" >&2; exit 1; }
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+root=$work/rootfs
+mkdir -p "$root"/{bin,etc,proc,sys,dev,tmp,root,data}
+cp "$busybox" "$root/bin/busybox"
+for a in $("$busybox" --list); do [ -e "$root/bin/$a" ] || ln -s busybox "$root/bin/$a"; done
+echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
+echo "root:x:0:" > "$root/etc/group"
+chmod 1777 "$root/tmp"
+tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$root" -cf "$work/layer.tar" .
+diff_id=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
+gzip -n -9 < "$work/layer.tar" > "$work/layer.tar.gz"
+layer=$(sha256sum "$work/layer.tar.gz" | cut -d' ' -f1)
+layer_size=$(stat -c %s "$work/layer.tar.gz")
+blobs=$work/oci/blobs/sha256
+mkdir -p "$blobs"
+mv "$work/layer.tar.gz" "$blobs/$layer"
+cat > "$work/config.json" <<JSON
+{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"],"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:$diff_id"]}}
+JSON
+config=$(sha256sum "$work/config.json" | cut -d' ' -f1)
+config_size=$(stat -c %s "$work/config.json")
+mv "$work/config.json" "$blobs/$config"
+cat > "$work/manifest.json" <<JSON
+{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:$config","size":$config_size},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:$layer","size":$layer_size}]}
+JSON
+manifest=$(sha256sum "$work/manifest.json" | cut -d' ' -f1)
+manifest_size=$(stat -c %s "$work/manifest.json")
+mv "$work/manifest.json" "$blobs/$manifest"
+echo '{"imageLayoutVersion":"1.0.0"}' > "$work/oci/oci-layout"
+cat > "$work/oci/index.json" <<JSON
+{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:$manifest","size":$manifest_size,"annotations":{"io.containerd.image.name":"$name","org.opencontainers.image.ref.name":"latest"}}]}
+JSON
+tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$work/oci" -cf "$out" .
+echo "build-image: $out ($name)"
