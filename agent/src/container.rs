@@ -177,9 +177,9 @@ impl Containers {
 
     pub async fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], stdio: &Stdio) -> Result<i32, AgentError> {
         check_id("exec_id", exec_id)?;
-        self.with(id, |c| match c.execs.contains_key(exec_id) {
-            true => Err(AgentError::Invalid(format!("exec {exec_id} already exists in {id}"))),
-            false => Ok(()),
+        self.with(id, |c| match c.execs.get(exec_id).map(|p| p.exited().is_some()) {
+            Some(false) => Err(AgentError::Invalid(format!("exec {exec_id} already exists in {id}"))),
+            _ => Ok(()),
         })
         .await?;
         let mut process: oci_spec::runtime::Process =
@@ -229,17 +229,25 @@ impl Containers {
         kill(Pid::from_raw(pid), sig).map_err(|e| AgentError::Invalid(format!("kill {pid}: {e}")))
     }
 
+    /// Waits for the exit. An exec is forgotten once its exit was handed out (the host
+    /// waits once per exec), so thousands of execs do not pile up, and its id can be reused.
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<Exit, AgentError> {
         let mut rx = self.with(id, |c| c.process(exec_id).map(|p| p.exit.clone())).await?;
         let exit = rx
             .wait_for(|e| e.is_some())
             .await
-            .map_err(|_| AgentError::NotFound("exit status lost".into()))?;
-        Ok(exit.unwrap_or(Exit {
-            status: 255,
-            signal: 0,
-            at_ns: 0,
-        }))
+            .map_err(|_| AgentError::NotFound("exit status lost".into()))?
+            .unwrap_or(Exit {
+                status: 255,
+                signal: 0,
+                at_ns: 0,
+            });
+        if !exec_id.is_empty() {
+            if let Some(c) = self.map.lock().await.get_mut(id) {
+                c.execs.remove(exec_id);
+            }
+        }
+        Ok(exit)
     }
 
     pub async fn resize(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<(), AgentError> {

@@ -46,6 +46,9 @@ impl Sandbox {
         let shared = dir.join("shared");
         let booted = async {
             mounts::make_shared_mountpoint(&shared)?;
+            let owner = dir.join("shim.pid");
+            std::fs::write(&owner, std::process::id().to_string())
+                .map_err(ShimError::io(format!("write {}", owner.display())))?;
             let spec = VmSpec {
                 id: format!("{namespace}-{id}"),
                 run_dir: dir.join("vm"),
@@ -141,6 +144,17 @@ impl Sandbox {
         self.vm.stop().await;
         mounts::unmount_and_remove(&self.dir);
     }
+}
+
+/// The pid of the live shim that owns sandbox directory `dir`, if any (never this process).
+pub fn live_owner(dir: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(dir.join("shim.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    (pid != std::process::id() && String::from_utf8_lossy(&cmd).contains("containerd-shim-vmbox-v2")).then_some(pid)
 }
 
 /// Cleans up a sandbox whose shim died: stops its VM and daemons, unmounts, removes.

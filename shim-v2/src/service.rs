@@ -68,7 +68,11 @@ impl Shim for Service {
         let sandbox = sandbox_of(&bundle, &self.id);
         if let Ok(config) = &self.config {
             let dir = sandbox_dir(config, &self.namespace, &sandbox);
-            if dir.exists() {
+            if let Some(pid) = crate::sandbox::live_owner(&dir) {
+                // A Create that failed inside a running pod ends here too: the pod's shim
+                // still owns the sandbox, and it has already cleaned up the container.
+                log::info!("sandbox {sandbox} is served by live shim {pid}: nothing to clean up");
+            } else if dir.exists() {
                 log::warn!("cleaning up after a dead shim: {}", dir.display());
                 tokio::task::spawn_blocking(move || cleanup_dead(&dir)).await.ok();
             }

@@ -2,6 +2,8 @@
 //! freshly built guest, a busybox rootfs, OCI specs, and a [`TestVm`] that boots a real
 //! VM and talks to its real agent.
 
+pub mod containerd;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

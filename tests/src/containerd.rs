@@ -1,0 +1,193 @@
+//! A private containerd for end-to-end tests (tests/containerd/containerd.sh), the
+//! busybox image, and `ctr` with a deadline.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub const IMAGE: &str = "docker.io/vmbox/busybox:latest";
+pub const RUNTIME: &str = "io.containerd.vmbox.v2";
+
+pub struct Containerd {
+    pub dir: PathBuf,
+    pub address: String,
+    /// The vmbox config the shims read (VMBOX_CONFIG in containerd's environment).
+    pub config_path: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The shim binary under test: `VMBOX_SHIM_DIR` or the workspace's release build.
+fn shim_dir() -> PathBuf {
+    std::env::var_os("VMBOX_SHIM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/release"))
+}
+
+/// The vmbox config of the tests: the freshly built guest, a private state directory.
+pub fn good_config(state_dir: &Path) -> String {
+    let g = crate::guest_dir();
+    format!(
+        "state_dir = \"{}\"\nlog_level = \"{}\"\n[vm]\nkernel = \"{}\"\ninitramfs = \"{}\"\n[timeouts]\nboot_ms = 60000\n",
+        state_dir.display(),
+        std::env::var("VMBOX_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        g.join("vmlinuz").display(),
+        g.join("initramfs.img").display()
+    )
+}
+
+/// The shared private containerd of this test run (started once, image imported).
+pub fn containerd() -> &'static Containerd {
+    static C: OnceLock<Containerd> = OnceLock::new();
+    C.get_or_init(|| {
+        let dir = PathBuf::from("/run/vmbox-e2e");
+        reset(&dir);
+        let state_dir = dir.join("vmbox");
+        std::fs::create_dir_all(&dir).expect("create the test containerd directory");
+        let config_path = dir.join("vmbox.toml");
+        std::fs::write(&config_path, good_config(&state_dir)).expect("write the test vmbox config");
+        let shim = shim_dir().join("containerd-shim-vmbox-v2");
+        assert!(
+            shim.exists(),
+            "{} missing: cargo build --release -p containerd-shim-vmbox-v2",
+            shim.display()
+        );
+        let script = repo().join("tests/containerd/containerd.sh");
+        let out = Command::new(&script)
+            .arg("start")
+            .env("VMBOX_CTR_DIR", &dir)
+            .env("VMBOX_SHIM_DIR", shim_dir())
+            .env("VMBOX_CONFIG", &config_path)
+            .output()
+            .expect("run containerd.sh");
+        assert!(
+            out.status.success(),
+            "containerd did not start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let c = Containerd {
+            address: dir.join("containerd.sock").display().to_string(),
+            dir,
+            config_path,
+            state_dir,
+        };
+        let tar = c.dir.join("busybox.tar");
+        let out = Command::new(repo().join("tests/containerd/build-image.sh"))
+            .arg(&tar)
+            .arg(IMAGE)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "image build: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = c.ctr(&["image", "import", &tar.display().to_string()]);
+        assert!(
+            out.status.success(),
+            "image import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c
+    })
+}
+
+/// Removes whatever an earlier, interrupted run left in `dir`: its containerd, shims,
+/// VMs, mounts and files.
+fn reset(dir: &Path) {
+    let _ = Command::new(repo().join("tests/containerd/containerd.sh"))
+        .arg("stop")
+        .env("VMBOX_CTR_DIR", dir)
+        .output();
+    let needle = dir.display().to_string();
+    for p in crate::processes_mentioning(&needle) {
+        if let Some(pid) = p.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !crate::processes_mentioning(&needle).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut mounts: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|m| m.starts_with(&needle))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in mounts {
+        let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+impl Containerd {
+    /// `ctr ARGS` against this containerd, killed after 3 minutes.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_with_stdin(args, Stdio::null())
+    }
+
+    pub fn ctr_with_stdin(&self, args: &[&str], stdin: Stdio) -> Output {
+        Command::new("timeout")
+            .args(["180", "ctr", "--address", &self.address])
+            .args(args)
+            .stdin(stdin)
+            .output()
+            .expect("run ctr")
+    }
+
+    /// Runs `ctr` under `script` so it has a terminal of `rows` x `cols`; `input` is typed in.
+    pub fn ctr_tty(&self, args: &[&str], rows: u32, cols: u32) -> Output {
+        let cmd = format!(
+            "stty rows {rows} cols {cols}; ctr --address {} {}",
+            self.address,
+            args.join(" ")
+        );
+        Command::new("timeout")
+            .args(["180", "script", "-qec", &cmd, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run script")
+    }
+
+    /// Leaks of sandbox `id`: live processes, mounts or files that mention its directory.
+    pub fn leftovers(&self, id: &str) -> Vec<String> {
+        let dir = self.state_dir.join(format!("default-{id}"));
+        let needle = dir.display().to_string();
+        let mut left = crate::processes_mentioning(&needle);
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        left.extend(
+            mounts
+                .lines()
+                .filter(|l| l.contains(&needle))
+                .map(|l| format!("mount: {l}")),
+        );
+        if dir.exists() {
+            left.push(format!("directory {needle}"));
+        }
+        let shim = format!("-id {id} -address {}", self.address);
+        left.extend(crate::processes_mentioning(&shim));
+        left
+    }
+
+    /// Waits (bounded) until sandbox `id` left nothing behind; returns what is left.
+    pub fn wait_clean(&self, id: &str) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = self.leftovers(id);
+            if left.is_empty() || std::time::Instant::now() > deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).replace('\r', "")
+}
