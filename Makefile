@@ -8,7 +8,7 @@ AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/vmbox-agent
 export VMBOX_CACHE ?= /var/cache/vmbox
 
-.PHONY: all build guest agent kernel initramfs install deps test unit-test vm-test lint bench clean
+.PHONY: all build guest agent kernel initramfs install deps test unit-test vm-test e2e-test lint bench quickstart clean
 
 all: build guest
 
@@ -50,9 +50,25 @@ unit-test:
 
 # VM-level tests: real kernel, QEMU, agent and libcontainer. Slow under TCG.
 vm-test: guest
-	VMBOX_GUEST_DIR=$(abspath $(GUEST_OUT)) cargo test -p vmbox-tests -- --test-threads=1
+	VMBOX_GUEST_DIR=$(abspath $(GUEST_OUT)) cargo test -p vmbox-tests --test vm -- --test-threads=1
 
-test: deps lint unit-test vm-test
+# End-to-end through a private containerd 1.6 and ctr (started and stopped here).
+e2e-test: build guest
+	VMBOX_GUEST_DIR=$(abspath $(GUEST_OUT)) VMBOX_SHIM_DIR=$(abspath target/release) \
+	  cargo test -p vmbox-tests --test containerd -- --test-threads=1; \
+	  rc=$$?; VMBOX_CTR_DIR=/run/vmbox-e2e tests/containerd/containerd.sh stop; exit $$rc
+
+test: deps lint unit-test vm-test e2e-test
+
+# A fresh Debian 12 machine to a container in a micro-VM: installs, starts a private
+# containerd, imports a locally built busybox image, runs `uname -r` in the guest.
+quickstart: deps install
+	tests/containerd/containerd.sh start
+	tests/containerd/build-image.sh build/busybox.tar docker.io/vmbox/busybox:latest
+	ctr --address $$(tests/containerd/containerd.sh address) image import build/busybox.tar
+	@echo "--- uname -r inside a vmbox micro-VM (the host runs $$(uname -r)):"
+	ctr --address $$(tests/containerd/containerd.sh address) run --rm --runtime io.containerd.vmbox.v2 \
+	  docker.io/vmbox/busybox:latest vmbox-quickstart-$$$$ uname -r
 
 lint:
 	cargo fmt --all -- --check
