@@ -8,7 +8,7 @@ AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/vmbox-agent
 export VMBOX_CACHE ?= /var/cache/vmbox
 
-.PHONY: all build guest agent kernel initramfs install deps test unit-test vm-test e2e-test lint bench quickstart clean
+.PHONY: all build guest agent kernel initramfs install deps test unit-test vm-test e2e-test lint bench-vm quickstart clean
 
 all: build guest
 
@@ -74,8 +74,8 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-bench: guest
-	VMBOX_GUEST_DIR=$(abspath $(GUEST_OUT)) cargo run --release -p vmbox-tests --bin vmbox-bench
+bench-vm: guest
+	VMBOX_GUEST_DIR=$(abspath $(GUEST_OUT)) cargo run --release -q -p vmbox-tests --bin vmbox-bench
 
 clean:
 	cargo clean

@@ -199,9 +199,9 @@ impl BinaryLogger {
         if !Path::new(path).is_file() {
             return Err(ShimError::Invalid(format!("log binary {path} does not exist")));
         }
-        let (out_r, out_w) = nix::unistd::pipe().map_err(|e| ShimError::io("pipe")(e.into()))?;
-        let (err_r, err_w) = nix::unistd::pipe().map_err(|e| ShimError::io("pipe")(e.into()))?;
-        let (ready_r, ready_w) = nix::unistd::pipe().map_err(|e| ShimError::io("pipe")(e.into()))?;
+        let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ShimError::io("pipe")(e.into()))?;
+        let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ShimError::io("pipe")(e.into()))?;
+        let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ShimError::io("pipe")(e.into()))?;
         let mut cmd = std::process::Command::new(path);
         for kv in query.split('&').filter(|s| !s.is_empty()) {
             match kv.split_once('=') {

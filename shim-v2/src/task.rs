@@ -129,8 +129,73 @@ impl Inner {
             vmbox_hypervisor::Vm::accel(&sandbox.vm).name()
         );
         self.watch_oom(sandbox.clone());
+        self.watch_vm(sandbox.clone());
         *slot = Some(sandbox.clone());
         Ok(sandbox)
+    }
+
+    /// A VMM that exits while the sandbox is in use (crash, kill, guest panic) ends every
+    /// process of the sandbox: each gets exit status 255 and a TaskExit at once, instead
+    /// of waits that would hang on a dead guest.
+    fn watch_vm(self: &Arc<Self>, sandbox: Arc<Sandbox>) {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let status = loop {
+                if let Some(s) = vmbox_hypervisor::Vm::wait_exit(&sandbox.vm, Duration::from_secs(3600)).await {
+                    break s;
+                }
+            };
+            let Some(this) = this.upgrade() else { return };
+            let current = this
+                .sandbox
+                .lock()
+                .await
+                .as_ref()
+                .is_some_and(|s| Arc::ptr_eq(s, &sandbox));
+            if !current {
+                return; // an orderly shutdown
+            }
+            log::error!(
+                "sandbox {}: the VM exited unexpectedly ({status}); guest console:\n{}",
+                sandbox.id,
+                vmbox_hypervisor::Vm::console_tail(&sandbox.vm, 20)
+            );
+            let at = now();
+            let mut exits = Vec::new();
+            {
+                let mut map = this.containers.lock().await;
+                for c in map.values_mut() {
+                    let cid = c.id.clone();
+                    for (exec_id, p) in std::iter::once((String::new(), &mut c.init))
+                        .chain(c.execs.iter_mut().map(|(k, v)| (k.clone(), v)))
+                    {
+                        if p.exit().is_none() && (exec_id.is_empty() || p.status != Status::Created) {
+                            if let Some(io) = p.io.as_mut() {
+                                io.abort();
+                            }
+                            p.set_exited(ExitInfo {
+                                status: 255,
+                                at: at.clone(),
+                            });
+                            exits.push((cid.clone(), exec_id, p.pid));
+                        }
+                    }
+                }
+            }
+            for (cid, exec_id, pid) in exits {
+                let ev = TaskExit {
+                    id: if exec_id.is_empty() { cid.clone() } else { exec_id },
+                    container_id: cid,
+                    pid,
+                    exit_status: 255,
+                    exited_at: Some(at.clone()).into(),
+                    ..Default::default()
+                };
+                this.publish(TASK_EXIT_EVENT_TOPIC, Box::new(ev)).await;
+            }
+            // Stop the daemons; the containers' files go with their Delete.
+            vmbox_hypervisor::Vm::stop(&sandbox.vm).await;
+        });
     }
 
     fn watch_oom(self: &Arc<Self>, sandbox: Arc<Sandbox>) {
@@ -336,6 +401,8 @@ impl Inner {
             {
                 let mut map = this.containers.lock().await;
                 match map.get_mut(&id).and_then(|c| c.proc_mut(&exec_id).ok()) {
+                    // Already reported (the VM died and watch_vm ended it).
+                    Some(p) if p.exit().is_some() => return,
                     Some(p) => p.set_exited(info.clone()),
                     None => return,
                 }

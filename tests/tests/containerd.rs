@@ -297,3 +297,140 @@ fn bad_input_fails_clearly_leaves_nothing_and_spares_the_sandbox() {
     let left = c.wait_clean("e2e-pod");
     assert!(left.is_empty(), "pod left: {left:#?}");
 }
+
+#[test]
+fn log_uris_file_and_binary_receive_the_output() {
+    let c = containerd();
+    let dir = c.dir.join("logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("file.log");
+    let uri = format!("file://{}", file.display());
+    let script = "echo to-stdout; echo to-stderr >&2";
+    ok(
+        &c.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--log-uri",
+            &uri,
+            IMAGE,
+            "e2e-logfile",
+            "sh",
+            "-c",
+            script,
+        ]),
+        "file log",
+    );
+    let logged = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        logged.contains("to-stdout\n") && logged.contains("to-stderr\n"),
+        "file log: {logged:?}"
+    );
+
+    // A logging binary per containerd's protocol: stdout on fd 3, stderr on fd 4, fd 5
+    // closed once ready.
+    let logger = dir.join("logger.sh");
+    std::fs::write(
+        &logger,
+        "#!/bin/sh\nexec 5>&-\ncat <&4 > \"${1#out=}.err\" &\ncat <&3 > \"${1#out=}\"\nwait\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = dir.join("binary.log");
+    let uri = format!("binary://{}?out={}", logger.display(), out.display());
+    ok(
+        &c.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--log-uri",
+            &uri,
+            IMAGE,
+            "e2e-logbin",
+            "sh",
+            "-c",
+            script,
+        ]),
+        "binary log",
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = (
+            std::fs::read_to_string(&out).unwrap_or_default(),
+            std::fs::read_to_string(dir.join("binary.log.err")).unwrap_or_default(),
+        );
+        if got == ("to-stdout\n".into(), "to-stderr\n".into()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "binary log got {got:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for id in ["e2e-logfile", "e2e-logbin"] {
+        assert!(c.wait_clean(id).is_empty());
+    }
+}
+
+fn wait_stopped(c: &vmbox_tests::containerd::Containerd, id: &str, within: std::time::Duration) -> std::time::Duration {
+    let t = std::time::Instant::now();
+    while !ok(&c.ctr(&["task", "ls"]), "ls")
+        .lines()
+        .any(|l| l.starts_with(id) && l.contains("STOPPED"))
+    {
+        assert!(t.elapsed() < within, "{id} not STOPPED within {within:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    t.elapsed()
+}
+
+#[test]
+fn a_killed_vmm_ends_the_tasks_and_delete_cleans_up() {
+    let c = containerd();
+    let id = "e2e-vmmkill";
+    ok(
+        &c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "1000"]),
+        "run -d",
+    );
+    let qemu = vmbox_tests::processes_mentioning(&format!("-name vmbox-default-{id},"));
+    let pid: i32 = qemu
+        .first()
+        .and_then(|p| p.split(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("qemu process");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let took = wait_stopped(c, id, std::time::Duration::from_secs(10));
+    eprintln!("TaskExit {took:?} after SIGKILL to QEMU");
+    ok(&c.ctr(&["task", "delete", id]), "task delete");
+    ok(&c.ctr(&["container", "rm", id]), "container rm");
+    let left = c.wait_clean(id);
+    assert!(left.is_empty(), "left: {left:#?}");
+}
+
+#[test]
+fn a_killed_shim_is_cleaned_up_by_containerd() {
+    let c = containerd();
+    let id = "e2e-shimkill";
+    ok(
+        &c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "1000"]),
+        "run -d",
+    );
+    let shim = vmbox_tests::processes_mentioning(&format!("-id {id} -address {}", c.address));
+    let pid: i32 = shim
+        .first()
+        .and_then(|p| p.split(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("shim process");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    // containerd notices the shim is gone, runs `containerd-shim-vmbox-v2 delete` (which
+    // stops the VM and daemons and removes the state) and drops the task.
+    let t = std::time::Instant::now();
+    while ok(&c.ctr(&["task", "ls"]), "ls").lines().any(|l| l.starts_with(id) && l.contains("RUNNING")) {
+        assert!(t.elapsed() < std::time::Duration::from_secs(30), "task still RUNNING 30 s after the shim died");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = c.ctr(&["task", "delete", id]);
+    ok(&c.ctr(&["container", "rm", id]), "container rm");
+    let left = c.wait_clean(id);
+    assert!(left.is_empty(), "left: {left:#?}");
+}
