@@ -147,10 +147,7 @@ async fn copy_stdin(path: PathBuf, mut conn: Conn, close: Arc<Notify>) {
     loop {
         let n = if closing {
             // Drain what is already buffered, without waiting for more.
-            match rx.try_read(&mut buf) {
-                Ok(n) => n,
-                Err(_) => 0,
-            }
+            rx.try_read(&mut buf).unwrap_or(0)
         } else {
             tokio::select! {
                 r = rx.read(&mut buf) => r.unwrap_or(0),
@@ -199,9 +196,12 @@ impl BinaryLogger {
         if !Path::new(path).is_file() {
             return Err(ShimError::Invalid(format!("log binary {path} does not exist")));
         }
-        let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ShimError::io("pipe")(e.into()))?;
-        let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ShimError::io("pipe")(e.into()))?;
-        let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ShimError::io("pipe")(e.into()))?;
+        let (out_r, out_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ShimError::io("pipe")(e.into()))?;
+        let (err_r, err_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ShimError::io("pipe")(e.into()))?;
+        let (ready_r, ready_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ShimError::io("pipe")(e.into()))?;
         let mut cmd = std::process::Command::new(path);
         for kv in query.split('&').filter(|s| !s.is_empty()) {
             match kv.split_once('=') {

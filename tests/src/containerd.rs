@@ -56,25 +56,13 @@ pub fn containerd() -> &'static Containerd {
             "{} missing: cargo build --release -p containerd-shim-vmbox-v2",
             shim.display()
         );
-        let script = repo().join("tests/containerd/containerd.sh");
-        let out = Command::new(&script)
-            .arg("start")
-            .env("VMBOX_CTR_DIR", &dir)
-            .env("VMBOX_SHIM_DIR", shim_dir())
-            .env("VMBOX_CONFIG", &config_path)
-            .output()
-            .expect("run containerd.sh");
-        assert!(
-            out.status.success(),
-            "containerd did not start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         let c = Containerd {
             address: dir.join("containerd.sock").display().to_string(),
             dir,
             config_path,
             state_dir,
         };
+        c.control("start");
         let tar = c.dir.join("busybox.tar");
         let out = Command::new(repo().join("tests/containerd/build-image.sh"))
             .arg(&tar)
@@ -127,6 +115,27 @@ fn reset(dir: &Path) {
 }
 
 impl Containerd {
+    fn control(&self, action: &str) {
+        let out = Command::new(repo().join("tests/containerd/containerd.sh"))
+            .arg(action)
+            .env("VMBOX_CTR_DIR", &self.dir)
+            .env("VMBOX_SHIM_DIR", shim_dir())
+            .env("VMBOX_CONFIG", &self.config_path)
+            .output()
+            .expect("run containerd.sh");
+        assert!(
+            out.status.success(),
+            "containerd {action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops containerd (its shims keep running) and starts it again.
+    pub fn restart(&self) {
+        self.control("stop");
+        self.control("start");
+    }
+
     /// `ctr ARGS` against this containerd, killed after 3 minutes.
     pub fn ctr(&self, args: &[&str]) -> Output {
         self.ctr_with_stdin(args, Stdio::null())

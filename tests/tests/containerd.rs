@@ -425,8 +425,14 @@ fn a_killed_shim_is_cleaned_up_by_containerd() {
     // containerd notices the shim is gone, runs `containerd-shim-vmbox-v2 delete` (which
     // stops the VM and daemons and removes the state) and drops the task.
     let t = std::time::Instant::now();
-    while ok(&c.ctr(&["task", "ls"]), "ls").lines().any(|l| l.starts_with(id) && l.contains("RUNNING")) {
-        assert!(t.elapsed() < std::time::Duration::from_secs(30), "task still RUNNING 30 s after the shim died");
+    while ok(&c.ctr(&["task", "ls"]), "ls")
+        .lines()
+        .any(|l| l.starts_with(id) && l.contains("RUNNING"))
+    {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "task still RUNNING 30 s after the shim died"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let _ = c.ctr(&["task", "delete", id]);
