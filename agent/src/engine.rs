@@ -79,18 +79,31 @@ pub enum EngineError {
 }
 
 /// Runs requests in helpers.
+/// Helpers running at once; more only thrash a small VM's vCPUs (each is a fork/exec of
+/// the agent and a container setup), so requests beyond it queue here.
+const MAX_HELPERS: usize = 4;
+
 #[derive(Clone)]
 pub struct Engine {
     reaper: Reaper,
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl Engine {
     pub fn new(reaper: Reaper) -> Engine {
-        Engine { reaper }
+        Engine {
+            reaper,
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HELPERS)),
+        }
     }
 
     /// Runs `req` in a fresh helper, passing `fds` along; returns the pid it reports.
     pub async fn run(&self, req: Request, fds: Vec<OwnedFd>) -> Result<Option<i32>, EngineError> {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|e| EngineError::Helper(e.to_string()))?;
         let helper_err = |what: &str, e: &dyn std::fmt::Display| EngineError::Helper(format!("{what}: {e}"));
         let (ours, theirs) = UnixStream::pair().map_err(|e| helper_err("socketpair", &e))?;
         let child = std::process::Command::new("/proc/self/exe")

@@ -96,6 +96,9 @@ pub struct Timeouts {
     pub boot_ms: u64,
     /// Default for one agent RPC that does not block by design.
     pub rpc_ms: u64,
+    /// Creating or starting a process in the guest (container create/start, exec): these
+    /// queue behind each other when many arrive at once.
+    pub create_ms: u64,
     /// Between SIGTERM and SIGKILL when containers are stopped.
     pub grace_period_ms: u64,
     /// For the whole graceful shutdown of a VM, after which it is stopped hard.
@@ -143,6 +146,7 @@ impl Default for Timeouts {
         Timeouts {
             boot_ms: 30_000,
             rpc_ms: 10_000,
+            create_ms: 60_000,
             grace_period_ms: 5_000,
             shutdown_ms: 15_000,
         }
@@ -213,6 +217,7 @@ impl Config {
         for (key, v) in [
             ("timeouts.boot_ms", self.timeouts.boot_ms),
             ("timeouts.rpc_ms", self.timeouts.rpc_ms),
+            ("timeouts.create_ms", self.timeouts.create_ms),
             ("timeouts.shutdown_ms", self.timeouts.shutdown_ms),
         ] {
             if !(100..=3_600_000).contains(&v) {

@@ -88,6 +88,11 @@ impl Sandbox {
         ttrpc::context::with_timeout(Duration::from_millis(self.config.timeouts.rpc_ms).as_nanos() as i64)
     }
 
+    /// An RPC context for creating or starting processes, which may queue.
+    pub fn create_ctx(&self) -> ttrpc::context::Context {
+        ttrpc::context::with_timeout(Duration::from_millis(self.config.timeouts.create_ms).as_nanos() as i64)
+    }
+
     /// Opens a new stdio stream to the agent; returns its id.
     pub async fn stream(&self) -> Result<(u64, Conn), ShimError> {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);

@@ -328,7 +328,7 @@ impl Inner {
         };
         let pid = sandbox
             .agent
-            .create_container(sandbox.ctx(), &creq)
+            .create_container(sandbox.create_ctx(), &creq)
             .await
             .map_err(ShimError::agent)?
             .pid;
@@ -439,7 +439,7 @@ impl Inner {
             };
             let pid = sandbox
                 .agent
-                .start_container(sandbox.ctx(), &r)
+                .start_container(sandbox.create_ctx(), &r)
                 .await
                 .map_err(ShimError::agent)?
                 .pid;
@@ -483,7 +483,7 @@ impl Inner {
         };
         let pid = sandbox
             .agent
-            .exec_process(sandbox.ctx(), &r)
+            .exec_process(sandbox.create_ctx(), &r)
             .await
             .map_err(ShimError::agent)?
             .pid;
