@@ -8,7 +8,7 @@ AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/vmbox-agent
 export VMBOX_CACHE ?= /var/cache/vmbox
 
-.PHONY: all build guest agent kernel initramfs install deps test unit-test vm-test e2e-test lint bench-vm quickstart clean
+.PHONY: all build guest agent kernel initramfs install deps test unit-test vm-test e2e-test lint bench bench-vm soak quickstart clean
 
 all: build guest
 
@@ -73,6 +73,19 @@ quickstart: deps install
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+
+# vmbox vs runc vs runsc through one private containerd (docs/benchmarks.md).
+bench: build guest
+	@command -v runsc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q runsc
+	VMBOX_GUEST_DIR=$(abspath $(GUEST_OUT)) VMBOX_SHIM_DIR=$(abspath target/release) VMBOX_TEST_LOG=debug \
+	  cargo run --release -q -p vmbox-tests --bin runtime-bench; \
+	  rc=$$?; VMBOX_CTR_DIR=/run/vmbox-e2e tests/containerd/containerd.sh stop; exit $$rc
+
+# Leak and latency soak of the containerd path (docs/benchmarks.md).
+soak: build guest
+	VMBOX_GUEST_DIR=$(abspath $(GUEST_OUT)) VMBOX_SHIM_DIR=$(abspath target/release) \
+	  cargo run --release -q -p vmbox-tests --bin soak-bench; \
+	  rc=$$?; VMBOX_CTR_DIR=/run/vmbox-e2e tests/containerd/containerd.sh stop; exit $$rc
 
 bench-vm: guest
 	VMBOX_GUEST_DIR=$(abspath $(GUEST_OUT)) cargo run --release -q -p vmbox-tests --bin vmbox-bench

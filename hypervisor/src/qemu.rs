@@ -132,6 +132,7 @@ impl QemuVm {
 
     async fn boot(&mut self, cfg: &Config, spec: &VmSpec, qemu_bin: &Path) -> Result<(), HypervisorError> {
         let dir = self.dir.clone();
+        let t_daemons = Instant::now();
         let mut args: Vec<String> = Vec::new();
         if let Some(shared) = &spec.shared_dir {
             let bin = resolve("virtiofsd", &cfg.binaries.virtiofsd, VIRTIOFSD_HINT)?;
@@ -178,7 +179,7 @@ impl QemuVm {
         // Listen before the guest boots: the guest dials in, the host never dials a booting
         // guest (that can wedge vhost-user vsock devices).
         let listener = HelloListener::bind(&self.dialer, hello_port)?;
-        let quiet = !matches!(cfg.log_level.as_str(), "debug" | "trace");
+        let quiet = cfg.log_level != "trace";
         let agent_log = if cfg.log_level == "trace" {
             "debug"
         } else {
@@ -227,6 +228,12 @@ impl QemuVm {
             ])
             .args(&args);
         log::debug!("vm {}: {:?}", self.id, cmd);
+        log::debug!(
+            "timing: vm={} daemons_up_ms={}",
+            self.id,
+            t_daemons.elapsed().as_millis()
+        );
+        let t_qemu = Instant::now();
         let qemu = Child::spawn("qemu", cmd, &dir.join("qemu.log"))?;
         self.write_pids(Some(qemu.pid))?;
         let timeout = Duration::from_millis(cfg.timeouts.boot_ms);
@@ -257,6 +264,11 @@ impl QemuVm {
         };
         self.qemu = Some(qemu);
         self.hello = result?;
+        log::debug!(
+            "timing: vm={} qemu_to_hello_ms={}",
+            self.id,
+            t_qemu.elapsed().as_millis()
+        );
         Ok(())
     }
 

@@ -32,6 +32,20 @@ fn sandbox_of(bundle: &Path, id: &str) -> String {
         .unwrap_or_else(|| id.to_string())
 }
 
+/// Milliseconds since this process started (from /proc/self/stat and the boot clock).
+fn process_age_ms() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let start_ticks: u64 = stat.rsplit(')').next()?.split_whitespace().nth(19)?.parse().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(((uptime - start_ticks as f64 / hz as f64) * 1000.0).max(0.0) as u64)
+}
+
 #[async_trait]
 impl Shim for Service {
     type T = TaskService;
@@ -90,6 +104,9 @@ impl Shim for Service {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        if let Some(ms) = process_age_ms() {
+            log::debug!("timing: shim={} shim_start_ms={ms}", self.id);
+        }
         let task = TaskService::new(self.config.clone(), &self.namespace, publisher, self.exit.clone());
         crate::signals::graceful_on_sigterm(task.inner(), self.exit.clone());
         task

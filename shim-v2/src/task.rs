@@ -122,6 +122,7 @@ impl Inner {
         let memory = ann.memory_mib.unwrap_or(config.vm.memory_mib);
         let t0 = std::time::Instant::now();
         let sandbox = Arc::new(Sandbox::boot(config, &self.namespace, &id, vcpus, memory).await?);
+        log::debug!("timing: sandbox={id} boot_ms={}", t0.elapsed().as_millis());
         log::info!(
             "sandbox {id}: VM up in {} ms ({} vCPU, {memory} MiB, {})",
             t0.elapsed().as_millis(),
@@ -282,7 +283,9 @@ impl Inner {
         let ann = Annotations::parse(spec.annotations().as_ref())?;
         let guest = to_guest(&spec, &req.id)?;
         let sandbox = self.sandbox_for(&req.id, &ann).await?;
+        let t = std::time::Instant::now();
         let result = self.create_in(&sandbox, &req, &spec, guest).await;
+        log::debug!("timing: container={} create_ms={}", req.id, t.elapsed().as_millis());
         if let Err(e) = &result {
             log::warn!("create {}: {e}", req.id);
             sandbox_cleanup_container(&sandbox, &req.id).await;
@@ -424,6 +427,18 @@ impl Inner {
     }
 
     async fn start(self: &Arc<Self>, req: StartRequest) -> Result<StartResponse, ShimError> {
+        let t = std::time::Instant::now();
+        let r = self.start_inner(req.clone()).await;
+        log::debug!(
+            "timing: container={} exec={} start_ms={}",
+            req.id,
+            req.exec_id,
+            t.elapsed().as_millis()
+        );
+        r
+    }
+
+    async fn start_inner(self: &Arc<Self>, req: StartRequest) -> Result<StartResponse, ShimError> {
         let sandbox = self.sandbox().await?;
         if req.exec_id.is_empty() {
             let status = self.with(&req.id, |c| Ok(c.init.status)).await?;
@@ -529,6 +544,15 @@ impl Inner {
     }
 
     async fn delete(self: &Arc<Self>, req: DeleteRequest) -> Result<DeleteResponse, ShimError> {
+        let t = std::time::Instant::now();
+        let r = self.delete_inner(req.clone()).await;
+        if req.exec_id.is_empty() {
+            log::debug!("timing: container={} teardown_ms={}", req.id, t.elapsed().as_millis());
+        }
+        r
+    }
+
+    async fn delete_inner(self: &Arc<Self>, req: DeleteRequest) -> Result<DeleteResponse, ShimError> {
         let sandbox = self.sandbox().await?;
         if !req.exec_id.is_empty() {
             let p = self

@@ -1,0 +1,312 @@
+//! vmbox vs runc vs runsc (gVisor), side by side through one private containerd:
+//! `ctr run --rm` of /bin/true, `ctr task exec` latency, PSS per idle sandbox, 10
+//! sandboxes in parallel, and where vmbox's start time goes. Not a test: prints a table.
+//!
+//!   make bench            (VMBOX_BENCH_RUNS=20, VMBOX_BENCH_IDLE=5 by default)
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmbox_tests::containerd::{containerd, Containerd, IMAGE, RUNTIME};
+
+struct Rt {
+    name: &'static str,
+    args: Vec<String>,
+}
+
+fn runtimes(c: &Containerd) -> Vec<Rt> {
+    let mut rts = vec![
+        Rt {
+            name: "vmbox",
+            args: vec!["--runtime".into(), RUNTIME.into()],
+        },
+        Rt {
+            name: "runc",
+            args: vec!["--runtime".into(), "io.containerd.runc.v2".into()],
+        },
+    ];
+    if Command::new("runsc")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+    {
+        let wrapper = c.dir.join("runsc-ptrace");
+        std::fs::write(
+            &wrapper,
+            "#!/bin/sh\nexec runsc --network=none --platform=ptrace \"$@\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        rts.push(Rt {
+            name: "runsc",
+            args: vec![
+                "--runtime".into(),
+                "io.containerd.runc.v2".into(),
+                "--runc-binary".into(),
+                wrapper.display().to_string(),
+            ],
+        });
+    } else {
+        eprintln!("runsc not installed (apt-get install runsc): its column is left out");
+    }
+    rts
+}
+
+fn ctr(c: &Containerd, args: &[&str]) -> (bool, Duration) {
+    let t = Instant::now();
+    let ok = Command::new("timeout")
+        .args(["300", "ctr", "--address", &c.address])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    (ok, t.elapsed())
+}
+
+fn with_rt<'a>(rt: &'a Rt, before: &[&'a str], after: &[&'a str]) -> Vec<&'a str> {
+    let mut v: Vec<&str> = before.to_vec();
+    v.extend(rt.args.iter().map(String::as_str));
+    v.extend_from_slice(after);
+    v
+}
+
+fn summary(v: &mut [f64]) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    format!("{:.0} / {:.0} / {:.0}", v[0], v[v.len() / 2], v[v.len() - 1])
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn pids_under(root: u32) -> Vec<u32> {
+    let mut parent = BTreeMap::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parent.insert(pid, ppid);
+        }
+    }
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(parent.iter().filter(|(_, pp)| **pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    out
+}
+
+/// PSS of `pid` in KiB: (all mappings, guest-RAM mappings (memfd)).
+fn pss(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut total, mut guest, mut in_guest) = (0, 0, false);
+    for l in text.lines() {
+        if l.contains('-') && l.split_whitespace().count() >= 5 && !l.ends_with(" kB") {
+            in_guest = l.contains("memfd:");
+        } else if let Some(v) = l.strip_prefix("Pss:") {
+            let kb: u64 = v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0);
+            total += kb;
+            if in_guest {
+                guest += kb;
+            }
+        }
+    }
+    (total, guest)
+}
+
+fn shim_pid(c: &Containerd, id: &str) -> Option<u32> {
+    vmbox_tests::processes_mentioning(&format!("-id {id} -address {}", c.address))
+        .first()
+        .and_then(|p| p.split(':').next())
+        .and_then(|p| p.parse().ok())
+}
+
+fn cleanup(c: &Containerd, id: &str) {
+    let _ = ctr(c, &["task", "kill", "-s", "KILL", id]);
+    for _ in 0..100 {
+        if ctr(c, &["task", "delete", id]).0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = ctr(c, &["container", "rm", id]);
+}
+
+fn main() {
+    let runs: usize = std::env::var("VMBOX_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let idle: usize = std::env::var("VMBOX_BENCH_IDLE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let c = containerd();
+    let rts = runtimes(c);
+    let log_start = std::fs::metadata(c.dir.join("containerd.log"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let accel = {
+        let (a, why) = vmbox_hypervisor::accel::choose(
+            vmbox_config::Accelerator::Auto,
+            &vmbox_hypervisor::accel::HostFacts::probe(),
+        );
+        format!("{} ({why})", a.name())
+    };
+
+    // 1. ctr run --rm IMG ID /bin/true, interleaved.
+    let mut run_ms: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut run_fail: BTreeMap<&str, usize> = BTreeMap::new();
+    for i in 0..runs {
+        for rt in &rts {
+            let id = format!("b-{}-{i}", rt.name);
+            let (ok, d) = ctr(c, &with_rt(rt, &["run", "--rm"], &[IMAGE, &id, "/bin/true"]));
+            if ok {
+                run_ms.entry(rt.name).or_default().push(d.as_secs_f64() * 1000.0);
+            } else {
+                *run_fail.entry(rt.name).or_default() += 1;
+                cleanup(c, &id);
+            }
+        }
+    }
+
+    // 2. exec latency, 3. PSS per idle sandbox.
+    let mut exec_ms: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut mem: BTreeMap<&str, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for rt in &rts {
+        let ids: Vec<String> = (0..idle).map(|i| format!("idle-{}-{i}", rt.name)).collect();
+        for id in &ids {
+            ctr(c, &with_rt(rt, &["run", "-d"], &[IMAGE, id, "sleep", "100000"]));
+        }
+        for n in 0..runs {
+            let (ok, d) = ctr(
+                c,
+                &["task", "exec", "--exec-id", &format!("x{n}"), &ids[0], "/bin/true"],
+            );
+            if ok {
+                exec_ms.entry(rt.name).or_default().push(d.as_secs_f64() * 1000.0);
+            }
+        }
+        std::thread::sleep(Duration::from_secs(2)); // let the sandboxes settle to idle
+        for id in &ids {
+            let Some(shim) = shim_pid(c, id) else { continue };
+            let (mut total, mut guest) = (0, 0);
+            for p in pids_under(shim) {
+                let (t, g) = pss(p);
+                total += t;
+                guest += g;
+            }
+            let e = mem.entry(rt.name).or_default();
+            e.0.push(total as f64 / 1024.0);
+            e.1.push((total - guest) as f64 / 1024.0);
+        }
+        for id in &ids {
+            cleanup(c, id);
+        }
+    }
+
+    // 4. 10 sandboxes in parallel.
+    let mut parallel: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
+    for rt in &rts {
+        let t = Instant::now();
+        let children: Vec<_> = (0..10)
+            .map(|i| {
+                let id = format!("par-{}-{i}", rt.name);
+                Command::new("timeout")
+                    .args(["300", "ctr", "--address", &c.address])
+                    .args(with_rt(rt, &["run", "--rm"], &[IMAGE, &id, "/bin/true"]))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("spawn ctr")
+            })
+            .collect();
+        let failures = children
+            .into_iter()
+            .map(|mut ch| ch.wait().map(|s| !s.success()).unwrap_or(true))
+            .filter(|f| *f)
+            .count();
+        parallel.insert(rt.name, (t.elapsed().as_secs_f64(), failures));
+        for i in 0..10 {
+            cleanup(c, &format!("par-{}-{i}", rt.name));
+        }
+    }
+
+    // 5. Where vmbox's start time goes, from the shim's debug timings.
+    let log = std::fs::read(c.dir.join("containerd.log")).unwrap_or_default();
+    let log = String::from_utf8_lossy(&log[log_start as usize..]);
+    let mut phases: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for l in log
+        .lines()
+        .filter(|l| l.contains("timing: ") && l.contains("=b-vmbox-"))
+    {
+        let Some(rest) = l.split("timing: ").nth(1) else {
+            continue;
+        };
+        for kv in rest.trim_end_matches('"').split_whitespace() {
+            if let Some((k, v)) = kv.split_once('=') {
+                if let (true, Ok(v)) = (k.ends_with("_ms"), v.trim_end_matches('"').parse::<f64>()) {
+                    phases.entry(k.trim_end_matches("_ms").to_string()).or_default().push(v);
+                }
+            }
+        }
+    }
+
+    println!("## vmbox vs runc vs runsc, accelerator: {accel}\n");
+    println!("{runs} runs each, interleaved; times in ms as min / median / max.\n");
+    println!("| | {} |", rts.iter().map(|r| r.name).collect::<Vec<_>>().join(" | "));
+    println!("|---|{}|", rts.iter().map(|_| "---:").collect::<Vec<_>>().join("|"));
+    let row = |name: &str, f: &dyn Fn(&str) -> String| {
+        println!(
+            "| {name} | {} |",
+            rts.iter().map(|r| f(r.name)).collect::<Vec<_>>().join(" | ")
+        );
+    };
+    row("`ctr run --rm` /bin/true (ms)", &|n| {
+        summary(&mut run_ms.get(n).cloned().unwrap_or_default())
+    });
+    row("  failures", &|n| run_fail.get(n).copied().unwrap_or(0).to_string());
+    row("`ctr task exec` /bin/true (ms)", &|n| {
+        summary(&mut exec_ms.get(n).cloned().unwrap_or_default())
+    });
+    row(&format!("PSS per idle sandbox, MiB (median of {idle})"), &|n| {
+        mem.get(n)
+            .map(|m| format!("{:.1}", median(&mut m.0.clone())))
+            .unwrap_or("-".into())
+    });
+    row("  of it host processes, without guest RAM", &|n| {
+        mem.get(n)
+            .map(|m| format!("{:.1}", median(&mut m.1.clone())))
+            .unwrap_or("-".into())
+    });
+    row("10 sandboxes in parallel: total s (failures)", &|n| {
+        parallel
+            .get(n)
+            .map(|(s, f)| format!("{s:.1} ({f})"))
+            .unwrap_or("-".into())
+    });
+    println!("\n### Where a vmbox `ctr run --rm` goes (median ms over {runs} runs, from the shim's debug timings)\n");
+    println!("| phase | median ms |\n|---|---:|");
+    for (k, mut v) in phases {
+        println!("| {k} | {:.0} |", median(&mut v));
+    }
+}
