@@ -44,7 +44,9 @@ pub fn good_config(state_dir: &Path) -> String {
 pub fn containerd() -> &'static Containerd {
     static C: OnceLock<Containerd> = OnceLock::new();
     C.get_or_init(|| {
-        let dir = PathBuf::from("/run/vmbox-e2e");
+        let dir = std::env::var_os("VMBOX_E2E_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/run/vmbox-e2e"));
         reset(&dir);
         let state_dir = dir.join("vmbox");
         std::fs::create_dir_all(&dir).expect("create the test containerd directory");
@@ -199,4 +201,76 @@ impl Containerd {
 
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).replace('\r', "")
+}
+
+/// Asserts that `out` succeeded and returns its stdout.
+pub fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Polls `done` until it holds; fails naming `what` after `within`. Returns the time taken.
+pub fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let t = std::time::Instant::now();
+    while !done() {
+        assert!(t.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t.elapsed()
+}
+
+impl Containerd {
+    /// `ctr run -d` with vmbox and `extra` flags.
+    pub fn run_detached(&self, id: &str, extra: &[&str], cmd: &[&str]) {
+        let mut args = vec!["run", "-d", "--runtime", RUNTIME];
+        args.extend_from_slice(extra);
+        args.push(IMAGE);
+        args.push(id);
+        args.extend_from_slice(cmd);
+        ok(&self.ctr(&args), &format!("ctr run -d {id}"));
+    }
+
+    /// `ctr ARGS` with its output discarded; whether it succeeded.
+    pub fn quiet(&self, args: &[&str]) -> bool {
+        Command::new("timeout")
+            .args(["300", "ctr", "--address", &self.address])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// The pid of the first host process whose command line contains `needle`.
+    pub fn pid_of(&self, needle: &str) -> Option<i32> {
+        crate::processes_mentioning(needle)
+            .first()
+            .and_then(|p| p.split(':').next())
+            .and_then(|p| p.parse().ok())
+    }
+
+    /// The shim serving container `id` of this containerd.
+    pub fn shim_pid(&self, id: &str) -> i32 {
+        self.pid_of(&format!("-id {id} -address {}", self.address))
+            .expect("shim process")
+    }
+
+    /// Kills, deletes and removes container `id`, then asserts nothing of it is left.
+    pub fn remove(&self, id: &str) {
+        let _ = self.ctr(&["task", "kill", "-s", "KILL", id]);
+        wait_for(&format!("task delete {id}"), Duration::from_secs(30), || {
+            let out = self.ctr(&["task", "delete", id]);
+            out.status.success() || text(&out.stderr).contains("not found")
+        });
+        ok(&self.ctr(&["container", "rm", id]), &format!("container rm {id}"));
+        let left = self.wait_clean(id);
+        assert!(left.is_empty(), "{id} left: {left:#?}");
+    }
 }

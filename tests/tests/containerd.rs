@@ -1,18 +1,7 @@
 //! End-to-end tests through a real containerd 1.6 and `ctr`, with the real shim, QEMU,
 //! guest kernel, agent and libcontainer. Run with `make e2e-test`.
 
-use vmbox_tests::containerd::{containerd, text, IMAGE, RUNTIME};
-
-fn ok(out: &std::process::Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
+use vmbox_tests::containerd::{containerd, ok, text, IMAGE, RUNTIME};
 
 #[test]
 fn ctr_run_prints_the_guest_kernel_and_returns_the_exit_code() {
@@ -121,11 +110,7 @@ fn a_detached_container_supports_the_task_commands() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let del = c.ctr(&["task", "delete", id]);
-    assert!(del.status.success(), "task delete: {}", text(&del.stderr));
-    ok(&c.ctr(&["container", "rm", id]), "container rm");
-    let left = c.wait_clean(id);
-    assert!(left.is_empty(), "left: {left:#?}");
+    c.remove(id);
 }
 
 #[test]
@@ -286,13 +271,7 @@ fn bad_input_fails_clearly_leaves_nothing_and_spares_the_sandbox() {
     );
 
     for id in ["e2e-pod-b", "e2e-pod"] {
-        ok(&c.ctr(&["task", "kill", "-s", "KILL", id]), "kill");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !c.ctr(&["task", "delete", id]).status.success() {
-            assert!(std::time::Instant::now() < deadline, "{id} could not be deleted");
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-        ok(&c.ctr(&["container", "rm", id]), "container rm");
+        c.remove(id);
     }
     let left = c.wait_clean("e2e-pod");
     assert!(left.is_empty(), "pod left: {left:#?}");
@@ -402,9 +381,7 @@ fn a_killed_vmm_ends_the_tasks_and_delete_cleans_up() {
     let took = wait_stopped(c, id, std::time::Duration::from_secs(10));
     eprintln!("TaskExit {took:?} after SIGKILL to QEMU");
     ok(&c.ctr(&["task", "delete", id]), "task delete");
-    ok(&c.ctr(&["container", "rm", id]), "container rm");
-    let left = c.wait_clean(id);
-    assert!(left.is_empty(), "left: {left:#?}");
+    c.remove(id);
 }
 
 #[test]
@@ -435,8 +412,5 @@ fn a_killed_shim_is_cleaned_up_by_containerd() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let _ = c.ctr(&["task", "delete", id]);
-    ok(&c.ctr(&["container", "rm", id]), "container rm");
-    let left = c.wait_clean(id);
-    assert!(left.is_empty(), "left: {left:#?}");
+    c.remove(id);
 }

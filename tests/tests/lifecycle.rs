@@ -6,38 +6,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use vmbox_tests::containerd::{containerd, text, Containerd, IMAGE, RUNTIME};
-
-fn ok(out: &std::process::Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}): {} {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < within, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    t.elapsed()
-}
+use vmbox_tests::containerd::{containerd, ok, text, wait_for, Containerd, IMAGE, RUNTIME};
 
 fn sha(path: &Path) -> String {
     format!("{:x}", Sha256::digest(std::fs::read(path).unwrap_or_default()))
-}
-
-fn shim_pid(c: &Containerd, id: &str) -> i32 {
-    let p = vmbox_tests::processes_mentioning(&format!("-id {id} -address {}", c.address));
-    p.first()
-        .and_then(|p| p.split(':').next())
-        .and_then(|p| p.parse().ok())
-        .expect("shim process")
 }
 
 /// The file `name` in the container's writable snapshot layer on the host.
@@ -110,7 +82,7 @@ fn zero_loss_on_sigterm_to_the_shim() {
     let c = containerd();
     let id = "lc-sigterm";
     let host = start_writer(c, id);
-    let pid = shim_pid(c, id);
+    let pid = c.shim_pid(id);
     let t = Instant::now();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
     wait_for("shim exit after SIGTERM", Duration::from_secs(30), || {
@@ -118,10 +90,7 @@ fn zero_loss_on_sigterm_to_the_shim() {
     });
     eprintln!("shim gone {:?} after SIGTERM", t.elapsed());
     check_no_loss(c, id, &host);
-    let _ = c.ctr(&["task", "delete", id]);
-    ok(&c.ctr(&["container", "rm", id]), "rm");
-    let left = c.wait_clean(id);
-    assert!(left.is_empty(), "left: {left:#?}");
+    c.remove(id);
 }
 
 #[test]
@@ -181,12 +150,7 @@ fn many_execs_report_every_exit_code() {
         );
     }
     eprintln!("100 concurrent execs in {:?}", t.elapsed());
-    ok(&c.ctr(&["task", "kill", "-s", "KILL", id]), "kill");
-    wait_for("delete", Duration::from_secs(30), || {
-        c.ctr(&["task", "delete", id]).status.success()
-    });
-    ok(&c.ctr(&["container", "rm", id]), "rm");
-    assert!(c.wait_clean(id).is_empty());
+    c.remove(id);
     let log = std::fs::read_to_string(c.dir.join("containerd.log")).unwrap_or_default();
     assert!(!log.contains("ECHILD"), "ECHILD in containerd's log");
 }
@@ -210,7 +174,7 @@ fn shutdown_finishes_while_a_client_holds_stdin_open() {
     wait_for("cat running", Duration::from_secs(60), || {
         ok(&c.ctr(&["task", "ps", id]), "ps").lines().count() >= 3
     });
-    let pid = shim_pid(c, id);
+    let pid = c.shim_pid(id);
     let t = Instant::now();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
     // Bound: the config's shutdown timeout (15 s) plus the VM's stop.
@@ -223,10 +187,7 @@ fn shutdown_finishes_while_a_client_holds_stdin_open() {
     );
     let _ = holder.kill();
     let _ = holder.wait();
-    let _ = c.ctr(&["task", "delete", id]);
-    ok(&c.ctr(&["container", "rm", id]), "rm");
-    let left = c.wait_clean(id);
-    assert!(left.is_empty(), "left: {left:#?}");
+    c.remove(id);
 }
 
 #[test]
@@ -241,10 +202,50 @@ fn sandboxes_survive_a_containerd_restart() {
     let out = c.ctr(&["task", "exec", "--exec-id", "after", id, "sh", "-c", "echo still here"]);
     assert_eq!(ok(&out, "exec after restart"), "still here\n");
     ok(&c.ctr(&["task", "kill", "-s", "KILL", id]), "kill after restart");
-    wait_for("delete after restart", Duration::from_secs(30), || {
-        c.ctr(&["task", "delete", id]).status.success()
-    });
-    ok(&c.ctr(&["container", "rm", id]), "rm");
-    let left = c.wait_clean(id);
-    assert!(left.is_empty(), "left: {left:#?}");
+    c.remove(id);
+}
+
+#[test]
+fn closing_stdin_ends_a_reading_process_with_eof() {
+    let c = containerd();
+    let id = "lc-eof";
+    ok(
+        &c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "100000"]),
+        "run -d",
+    );
+    let mut child = std::process::Command::new("timeout")
+        .args([
+            "120",
+            "ctr",
+            "--address",
+            &c.address,
+            "task",
+            "exec",
+            "--exec-id",
+            "cat",
+            id,
+            "sh",
+            "-c",
+            "cat; echo EOF-seen",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"line one\nline two\n").unwrap();
+        // Dropping stdin closes it: ctr sends CloseIO, the process must see EOF.
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "line one\nline two\nEOF-seen\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(out.status.success());
+    c.remove(id);
 }

@@ -133,13 +133,6 @@ fn pss(pid: u32) -> (u64, u64) {
     (total, guest)
 }
 
-fn shim_pid(c: &Containerd, id: &str) -> Option<u32> {
-    vmbox_tests::processes_mentioning(&format!("-id {id} -address {}", c.address))
-        .first()
-        .and_then(|p| p.split(':').next())
-        .and_then(|p| p.parse().ok())
-}
-
 fn cleanup(c: &Containerd, id: &str) {
     let _ = ctr(c, &["task", "kill", "-s", "KILL", id]);
     for _ in 0..100 {
@@ -208,7 +201,9 @@ fn main() {
         }
         std::thread::sleep(Duration::from_secs(2)); // let the sandboxes settle to idle
         for id in &ids {
-            let Some(shim) = shim_pid(c, id) else { continue };
+            let Some(shim) = c.pid_of(&format!("-id {id} -address {}", c.address)).map(|p| p as u32) else {
+                continue;
+            };
             let (mut total, mut guest) = (0, 0);
             for p in pids_under(shim) {
                 let (t, g) = pss(p);

@@ -4,20 +4,12 @@
 //!
 //!   make soak            (VMBOX_SOAK_CYCLES=100 by default)
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vmbox_tests::containerd::{containerd, Containerd, IMAGE, RUNTIME};
 
 fn ctr(c: &Containerd, args: &[&str]) -> bool {
-    Command::new("timeout")
-        .args(["300", "ctr", "--address", &c.address])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    c.quiet(args)
 }
 
 struct Snapshot {
