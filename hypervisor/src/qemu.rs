@@ -134,6 +134,8 @@ impl QemuVm {
         let dir = self.dir.clone();
         let t_daemons = Instant::now();
         let mut args: Vec<String> = Vec::new();
+        // Both daemons start at once; their sockets are awaited together below.
+        let mut sockets: Vec<(PathBuf, &'static str, PathBuf, usize)> = Vec::new();
         if let Some(shared) = &spec.shared_dir {
             let bin = resolve("virtiofsd", &cfg.binaries.virtiofsd, VIRTIOFSD_HINT)?;
             let sock = dir.join("fs.sock");
@@ -143,8 +145,12 @@ impl QemuVm {
                 .args(["--cache=auto", "--sandbox=namespace", "--log-level=warn"]);
             self.daemons
                 .push(Child::spawn("virtiofsd", cmd, &dir.join("virtiofsd.log"))?);
-            self.wait_for_socket(&sock, "virtiofsd", &dir.join("virtiofsd.log"))
-                .await?;
+            sockets.push((
+                sock.clone(),
+                "virtiofsd",
+                dir.join("virtiofsd.log"),
+                self.daemons.len() - 1,
+            ));
             // QEMU 7.1-8.0 crash when virtiofsd is given --tag: the tag lives on the device.
             args.extend(["-chardev".into(), format!("socket,id=fs,path={}", sock.display())]);
             args.extend([
@@ -164,8 +170,12 @@ impl QemuVm {
                 ));
                 self.daemons
                     .push(Child::spawn("vhost-device-vsock", cmd, &dir.join("vsock.log"))?);
-                self.wait_for_socket(&sock, "vhost-device-vsock", &dir.join("vsock.log"))
-                    .await?;
+                sockets.push((
+                    sock.clone(),
+                    "vhost-device-vsock",
+                    dir.join("vsock.log"),
+                    self.daemons.len() - 1,
+                ));
                 args.extend(["-chardev".into(), format!("socket,id=vsk,path={}", sock.display())]);
                 args.extend(["-device".into(), "vhost-user-vsock-device,chardev=vsk".into()]);
                 vmbox_protocol::HELLO_PORT
@@ -176,6 +186,9 @@ impl QemuVm {
                 20_000 + (*cid % 40_000)
             }
         };
+        for (sock, name, log, daemon) in &sockets {
+            self.wait_for_socket(sock, name, log, *daemon).await?;
+        }
         // Listen before the guest boots: the guest dials in, the host never dials a booting
         // guest (that can wedge vhost-user vsock devices).
         let listener = HelloListener::bind(&self.dialer, hello_port)?;
@@ -273,9 +286,15 @@ impl QemuVm {
     }
 
     /// Waits until a daemon created its socket (or died, or took too long).
-    async fn wait_for_socket(&self, sock: &Path, name: &'static str, log: &Path) -> Result<(), HypervisorError> {
+    async fn wait_for_socket(
+        &self,
+        sock: &Path,
+        name: &'static str,
+        log: &Path,
+        daemon: usize,
+    ) -> Result<(), HypervisorError> {
         let deadline = Instant::now() + SOCKET_TIMEOUT;
-        let daemon = self.daemons.last();
+        let daemon = self.daemons.get(daemon);
         while !sock.exists() {
             if let Some(status) = daemon.and_then(|d| d.exited()) {
                 let log = std::fs::read_to_string(log).unwrap_or_default();
