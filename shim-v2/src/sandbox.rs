@@ -96,7 +96,22 @@ impl Sandbox {
     /// Opens a new stdio stream to the agent; returns its id.
     pub async fn stream(&self) -> Result<(u64, Conn), ShimError> {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        let mut c = self.vm.connect(vmbox_protocol::STDIO_PORT).await?;
+        // A burst of process starts can overflow the guest's listen backlog; the vsock
+        // device then refuses the connection. Retry a few times, backing off.
+        let mut delay = Duration::from_millis(20);
+        let mut attempt = 0;
+        let mut c = loop {
+            match self.vm.connect(vmbox_protocol::STDIO_PORT).await {
+                Ok(c) => break c,
+                Err(e) if attempt < 6 && self.vm.exited().is_none() => {
+                    log::debug!("stdio stream {id}: {e}; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         vmbox_protocol::stream::write_header(&mut c, id)
             .await
             .map_err(|e| ShimError::Agent(format!("stdio stream: {e}")))?;

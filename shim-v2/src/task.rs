@@ -50,7 +50,12 @@ pub struct Inner {
     exit: Arc<ExitSignal>,
     sandbox: Mutex<Option<Arc<Sandbox>>>,
     containers: Mutex<HashMap<String, Container>>,
+    /// Process starts in flight: beyond this they wait here instead of piling streams and
+    /// requests onto a guest that handles a few at a time anyway.
+    starts: tokio::sync::Semaphore,
 }
+
+const MAX_STARTS: usize = 8;
 
 impl TaskService {
     pub fn new(
@@ -66,6 +71,7 @@ impl TaskService {
             exit,
             sandbox: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
+            starts: tokio::sync::Semaphore::new(MAX_STARTS),
         };
         TaskService { inner: Arc::new(inner) }
     }
@@ -439,6 +445,11 @@ impl Inner {
     }
 
     async fn start_inner(self: &Arc<Self>, req: StartRequest) -> Result<StartResponse, ShimError> {
+        let _slot = self
+            .starts
+            .acquire()
+            .await
+            .map_err(|e| ShimError::Agent(e.to_string()))?;
         let sandbox = self.sandbox().await?;
         if req.exec_id.is_empty() {
             let status = self.with(&req.id, |c| Ok(c.init.status)).await?;
