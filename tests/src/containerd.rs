@@ -86,6 +86,19 @@ pub fn containerd() -> &'static Containerd {
     })
 }
 
+/// The programs a test run starts (see `reset`).
+fn known_programs() -> [&'static str; 7] {
+    [
+        "containerd",
+        "containerd-shim-vmbox-v2",
+        "containerd-shim-runc-v2",
+        "qemu-system-x86_64",
+        "virtiofsd",
+        "vhost-device-vsock",
+        "runsc",
+    ]
+}
+
 /// Removes whatever an earlier, interrupted run left in `dir`: its containerd, shims,
 /// VMs, mounts and files.
 fn reset(dir: &Path) {
@@ -94,13 +107,24 @@ fn reset(dir: &Path) {
         .env("VMBOX_CTR_DIR", dir)
         .output();
     let needle = dir.display().to_string();
-    for p in crate::processes_mentioning(&needle) {
-        if let Some(pid) = p.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
+    // Only the programs such a run starts: never, say, the `make` whose command line
+    // happens to name the directory.
+    let ours = || -> Vec<i32> {
+        crate::processes_mentioning(&needle)
+            .iter()
+            .filter_map(|p| {
+                let (pid, cmd) = p.split_once(": ")?;
+                let prog = cmd.split_whitespace().next()?.rsplit('/').next()?;
+                let known = known_programs().contains(&prog);
+                known.then(|| pid.parse().ok()).flatten()
+            })
+            .collect()
+    };
+    for pid in ours() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !crate::processes_mentioning(&needle).is_empty() && std::time::Instant::now() < deadline {
+    while !ours().is_empty() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();

@@ -250,18 +250,22 @@ fn main() {
     let log = std::fs::read(c.dir.join("containerd.log")).unwrap_or_default();
     let log = String::from_utf8_lossy(&log[log_start as usize..]);
     let mut phases: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for l in log
-        .lines()
-        .filter(|l| l.contains("timing: ") && l.contains("=b-vmbox-"))
-    {
+    for l in log.lines() {
         let Some(rest) = l.split("timing: ").nth(1) else {
             continue;
         };
+        // The `ctr run --rm` runs, and the execs into the first idle vmbox sandbox.
+        let prefix = if rest.contains("idle-vmbox-0 exec=x") {
+            "exec_"
+        } else if rest.contains("b-vmbox-") && !rest.contains("exec=x") {
+            ""
+        } else {
+            continue;
+        };
         for kv in rest.trim_end_matches('"').split_whitespace() {
-            if let Some((k, v)) = kv.split_once('=') {
-                if let (true, Ok(v)) = (k.ends_with("_ms"), v.trim_end_matches('"').parse::<f64>()) {
-                    phases.entry(k.trim_end_matches("_ms").to_string()).or_default().push(v);
-                }
+            let Some((k, v)) = kv.split_once('=') else { continue };
+            if let (Some(k), Ok(v)) = (k.strip_suffix("_ms"), v.trim_end_matches('"').parse::<f64>()) {
+                phases.entry(format!("{prefix}{k}")).or_default().push(v);
             }
         }
     }
