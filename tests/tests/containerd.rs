@@ -285,22 +285,23 @@ fn log_uris_file_and_binary_receive_the_output() {
     let file = dir.join("file.log");
     let uri = format!("file://{}", file.display());
     let script = "echo to-stdout; echo to-stderr >&2";
-    ok(
-        &c.ctr(&[
+    let run_logged = |uri: &str, id: &str| {
+        let args = [
             "run",
             "--rm",
             "--runtime",
             RUNTIME,
             "--log-uri",
-            &uri,
+            uri,
             IMAGE,
-            "e2e-logfile",
+            id,
             "sh",
             "-c",
             script,
-        ]),
-        "file log",
-    );
+        ];
+        ok(&c.ctr(&args), &format!("ctr run --log-uri {uri}"));
+    };
+    run_logged(&uri, "e2e-logfile");
     let logged = std::fs::read_to_string(&file).unwrap();
     assert!(
         logged.contains("to-stdout\n") && logged.contains("to-stderr\n"),
@@ -318,22 +319,7 @@ fn log_uris_file_and_binary_receive_the_output() {
     std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let out = dir.join("binary.log");
     let uri = format!("binary://{}?out={}", logger.display(), out.display());
-    ok(
-        &c.ctr(&[
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            "--log-uri",
-            &uri,
-            IMAGE,
-            "e2e-logbin",
-            "sh",
-            "-c",
-            script,
-        ]),
-        "binary log",
-    );
+    run_logged(&uri, "e2e-logbin");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let got = (
@@ -367,10 +353,7 @@ fn wait_stopped(c: &vmbox_tests::containerd::Containerd, id: &str, within: std::
 fn a_killed_vmm_ends_the_tasks_and_delete_cleans_up() {
     let c = containerd();
     let id = "e2e-vmmkill";
-    ok(
-        &c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "1000"]),
-        "run -d",
-    );
+    c.run_detached(id, &[], &["sleep", "1000"]);
     let qemu = vmbox_tests::processes_mentioning(&format!("-name vmbox-default-{id},"));
     let pid: i32 = qemu
         .first()
@@ -388,10 +371,7 @@ fn a_killed_vmm_ends_the_tasks_and_delete_cleans_up() {
 fn a_killed_shim_is_cleaned_up_by_containerd() {
     let c = containerd();
     let id = "e2e-shimkill";
-    ok(
-        &c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "1000"]),
-        "run -d",
-    );
+    c.run_detached(id, &[], &["sleep", "1000"]);
     let shim = vmbox_tests::processes_mentioning(&format!("-id {id} -address {}", c.address));
     let pid: i32 = shim
         .first()

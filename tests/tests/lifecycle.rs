@@ -97,10 +97,7 @@ fn zero_loss_on_sigterm_to_the_shim() {
 fn many_execs_report_every_exit_code() {
     let c = containerd();
     let id = "lc-execs";
-    ok(
-        &c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "100000"]),
-        "run -d",
-    );
+    c.run_detached(id, &[], &["sleep", "100000"]);
     let sequential: usize = std::env::var("VMBOX_TEST_EXECS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -159,10 +156,7 @@ fn many_execs_report_every_exit_code() {
 fn shutdown_finishes_while_a_client_holds_stdin_open() {
     let c = containerd();
     let id = "lc-stdin";
-    ok(
-        &c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "100000"]),
-        "run -d",
-    );
+    c.run_detached(id, &[], &["sleep", "100000"]);
     // `cat` reading a stdin that the client never closes.
     let mut holder = std::process::Command::new("ctr")
         .args(["--address", &c.address, "task", "exec", "--exec-id", "cat", id, "cat"])
@@ -194,10 +188,7 @@ fn shutdown_finishes_while_a_client_holds_stdin_open() {
 fn sandboxes_survive_a_containerd_restart() {
     let c = containerd();
     let id = "lc-restart";
-    ok(
-        &c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "100000"]),
-        "run -d",
-    );
+    c.run_detached(id, &[], &["sleep", "100000"]);
     c.restart();
     let out = c.ctr(&["task", "exec", "--exec-id", "after", id, "sh", "-c", "echo still here"]);
     assert_eq!(ok(&out, "exec after restart"), "still here\n");
@@ -209,10 +200,7 @@ fn sandboxes_survive_a_containerd_restart() {
 fn closing_stdin_ends_a_reading_process_with_eof() {
     let c = containerd();
     let id = "lc-eof";
-    ok(
-        &c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "100000"]),
-        "run -d",
-    );
+    c.run_detached(id, &[], &["sleep", "100000"]);
     let mut child = std::process::Command::new("timeout")
         .args([
             "120",
