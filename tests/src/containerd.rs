@@ -286,8 +286,18 @@ impl Containerd {
             .expect("shim process")
     }
 
-    /// Kills, deletes and removes container `id`, then asserts nothing of it is left.
+    /// The ttrpc socket of the shim serving container `id`, while that shim runs.
+    pub fn shim_socket(&self, id: &str) -> Option<String> {
+        let shim = crate::processes_mentioning(&format!("-id {id} -address {}", self.address));
+        let cmd = shim.first()?;
+        let at = cmd.find("-socket unix://")? + "-socket unix://".len();
+        cmd[at..].split_whitespace().next().map(str::to_string)
+    }
+
+    /// Kills, deletes and removes container `id`, then asserts nothing of it is left
+    /// (processes, mounts, state, and the shim's socket once the shim is gone).
     pub fn remove(&self, id: &str) {
+        let socket = self.shim_socket(id);
         let _ = self.ctr(&["task", "kill", "-s", "KILL", id]);
         wait_for(&format!("task delete {id}"), Duration::from_secs(30), || {
             let out = self.ctr(&["task", "delete", id]);
@@ -296,5 +306,10 @@ impl Containerd {
         ok(&self.ctr(&["container", "rm", id]), &format!("container rm {id}"));
         let left = self.wait_clean(id);
         assert!(left.is_empty(), "{id} left: {left:#?}");
+        if let Some(socket) = socket {
+            if crate::processes_mentioning(&socket).is_empty() {
+                assert!(!Path::new(&socket).exists(), "shim socket {socket} left behind");
+            }
+        }
     }
 }
