@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
@@ -12,12 +12,14 @@ use vmbox_protocol::{stream, STDIO_PORT};
 
 /// Streams announced but not yet claimed; more are refused.
 const MAX_PENDING: usize = 1024;
+/// An unclaimed stream is dropped after this (requests wait at most 10 s for theirs).
+const UNCLAIMED_TTL: Duration = Duration::from_secs(60);
 /// A connection must name itself this fast.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Default)]
 pub struct Streams {
-    pending: Arc<Mutex<HashMap<u64, VsockStream>>>,
+    pending: Arc<Mutex<HashMap<u64, (Instant, VsockStream)>>>,
     arrived: Arc<Notify>,
 }
 
@@ -48,10 +50,13 @@ impl Streams {
         };
         {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            // Streams of requests that failed before claiming them are never taken: drop
+            // them once no request could still be waiting for them.
+            p.retain(|_, (at, _)| at.elapsed() < UNCLAIMED_TTL);
             if p.len() >= MAX_PENDING {
                 return log::warn!("stdio stream {id} dropped: {MAX_PENDING} streams already pending");
             }
-            p.insert(id, conn);
+            p.insert(id, (Instant::now(), conn));
         }
         self.arrived.notify_waiters();
     }
@@ -63,7 +68,7 @@ impl Streams {
             let arrived = self.arrived.notified();
             tokio::pin!(arrived);
             arrived.as_mut().enable();
-            if let Some(s) = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
+            if let Some((_, s)) = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
                 return Some(s);
             }
             if tokio::time::timeout_at(deadline, arrived).await.is_err() {
