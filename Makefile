@@ -5,7 +5,7 @@ SHARE_DIR ?= /usr/share/vmbox
 CONFIG_DIR ?= /etc/vmbox
 GUEST_OUT := build/guest
 AGENT_TARGET := x86_64-unknown-linux-gnu
-AGENT_BIN := target/$(AGENT_TARGET)/release/vmbox-agent
+AGENT_BIN := target/$(AGENT_TARGET)/guest/vmbox-agent
 export VMBOX_CACHE ?= /var/cache/vmbox
 
 .PHONY: all build guest agent kernel initramfs install deps test unit-test vm-test e2e-test lint bench bench-vm soak quickstart clean
@@ -22,12 +22,12 @@ agent:
 	mkdir -p build/seccomp && cp /usr/lib/x86_64-linux-gnu/libseccomp.a build/seccomp/
 	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=$(abspath build/seccomp) \
 	RUSTFLAGS='-C target-feature=+crt-static' \
-	  cargo build --release -p vmbox-agent --target $(AGENT_TARGET)
+	  cargo build --profile guest -p vmbox-agent --target $(AGENT_TARGET)
 	@if readelf -d $(AGENT_BIN) | grep -q NEEDED || readelf -l $(AGENT_BIN) | grep -q INTERP; then \
 	  echo "vmbox-agent is not static: check LIBSECCOMP_LINK_TYPE" >&2; exit 1; fi
 
 kernel:
-	guest/build-kernel.sh $(GUEST_OUT)/vmlinuz
+	guest/build-kernel.sh $(GUEST_OUT)/vmlinux
 
 initramfs: agent
 	cargo run --release -q -p vmbox-guest --bin vmbox-initramfs -- $(AGENT_BIN) $(GUEST_OUT)/initramfs.img
@@ -36,7 +36,7 @@ guest: kernel initramfs
 
 install: build guest
 	install -D -m 0755 target/release/containerd-shim-vmbox-v2 $(DESTDIR)$(PREFIX)/bin/containerd-shim-vmbox-v2
-	install -D -m 0755 $(GUEST_OUT)/vmlinuz $(DESTDIR)$(SHARE_DIR)/vmlinuz
+	install -D -m 0644 $(GUEST_OUT)/vmlinux $(DESTDIR)$(SHARE_DIR)/vmlinux
 	install -D -m 0644 $(GUEST_OUT)/initramfs.img $(DESTDIR)$(SHARE_DIR)/initramfs.img
 	@if [ ! -f $(DESTDIR)$(CONFIG_DIR)/config.toml ]; then \
 	  install -D -m 0644 config/vmbox.toml $(DESTDIR)$(CONFIG_DIR)/config.toml; fi

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# Builds the vmbox guest kernel (bzImage) from Debian's linux-source-6.1 and the fragment
+# Builds the vmbox guest kernel from Debian's linux-source-6.1 and the fragment
 # guest/kernel.config, into a cache outside the repository keyed on both, so a second run
-# only copies the cached file.
-#   usage: guest/build-kernel.sh OUT_BZIMAGE
+# only copies the cached file. The output is the uncompressed vmlinux (ELF with a PVH entry
+# note, symbols stripped): QEMU enters it directly, with no self-decompression in the guest.
+#   usage: guest/build-kernel.sh OUT_VMLINUX
 # Env: VMBOX_CACHE (default /var/cache/vmbox), JOBS (default nproc).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-out=${1:?usage: build-kernel.sh OUT_BZIMAGE}
+out=${1:?usage: build-kernel.sh OUT_VMLINUX}
 cache=${VMBOX_CACHE:-/var/cache/vmbox}
 src_tar=/usr/src/linux-source-6.1.tar.xz
 [ -f "$src_tar" ] || { echo "build-kernel: $src_tar missing: apt-get install linux-source-6.1" >&2; exit 1; }
 src_ver=$(dpkg-query -W -f='${Version}' linux-source-6.1 2>/dev/null || stat -c %Y "$src_tar")
 key=$( (echo "$src_ver"; cat "$here/kernel.config") | sha256sum | cut -c1-16)
-cached="$cache/kernel-$key/bzImage"
+cached="$cache/kernel-$key/vmlinux"
 if [ -f "$cached" ]; then
   install -D -m 0644 "$cached" "$out"
   echo "build-kernel: cached $cached"
@@ -34,9 +35,13 @@ while IFS= read -r line; do
   grep -qx "$line" .config || { echo "build-kernel: $line did not stick after olddefconfig" >&2; missing=1; }
 done < "$here/kernel.config"
 [ "$missing" = 0 ] || exit 1
-echo "build-kernel: building bzImage with ${JOBS:-$(nproc)} jobs"
-make -s -j"${JOBS:-$(nproc)}" bzImage
-install -D -m 0644 arch/x86/boot/bzImage "$cached"
+echo "build-kernel: building vmlinux with ${JOBS:-$(nproc)} jobs"
+make -s -j"${JOBS:-$(nproc)}" vmlinux
+mkdir -p "$(dirname "$cached")"
+# Symbols are of no use to QEMU or the guest; the PVH note (an ELF note) stays.
+objcopy --strip-all vmlinux "$cached.tmp"
+readelf -n "$cached.tmp" | grep -q 'Xen.*0x00000012' || { echo "build-kernel: vmlinux has no PVH entry note (CONFIG_PVH)" >&2; exit 1; }
+mv "$cached.tmp" "$cached"
 cp .config "$cache/kernel-$key/config"
 cd /; rm -rf "$work"
 install -D -m 0644 "$cached" "$out"

@@ -145,9 +145,44 @@ pub fn initramfs<W: Write>(out: &mut W, agent: &[u8]) -> std::io::Result<()> {
     )
 }
 
+/// Magic number of the legacy LZ4 format (`lz4 -l`), the one the kernel unpacks.
+const LZ4_LEGACY_MAGIC: u32 = 0x184C_2102;
+/// The kernel's decompressor takes chunks of at most 8 MiB uncompressed.
+const LZ4_LEGACY_CHUNK: usize = 8 << 20;
+
+/// Compresses `data` in the legacy LZ4 format: the magic, then per chunk of at most 8 MiB
+/// its compressed size (u32, little endian) and one LZ4 block. LZ4 because the guest
+/// unpacks its initramfs under emulation, where LZ4 is the cheapest of the kernel's
+/// decompressors.
+pub fn lz4_legacy(data: &[u8]) -> Vec<u8> {
+    let mut out = LZ4_LEGACY_MAGIC.to_le_bytes().to_vec();
+    for chunk in data.chunks(LZ4_LEGACY_CHUNK) {
+        let block = lz4_flex::block::compress(chunk);
+        out.extend_from_slice(&(block.len() as u32).to_le_bytes());
+        out.extend_from_slice(&block);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lz4_legacy_round_trips_across_chunks() {
+        let data: Vec<u8> = (0..(LZ4_LEGACY_CHUNK + 12345)).map(|i| (i % 251) as u8).collect();
+        let z = lz4_legacy(&data);
+        assert_eq!(&z[..4], &[0x02, 0x21, 0x4c, 0x18]);
+        let (mut at, mut back) = (4, Vec::new());
+        while at < z.len() {
+            let n = u32::from_le_bytes(z[at..at + 4].try_into().unwrap()) as usize;
+            at += 4;
+            back.extend(lz4_flex::block::decompress(&z[at..at + n], LZ4_LEGACY_CHUNK).unwrap());
+            at += n;
+        }
+        assert_eq!(back, data);
+        assert!(z.len() < data.len() / 10);
+    }
 
     #[test]
     fn entries_are_aligned_and_archive_is_padded() {

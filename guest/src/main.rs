@@ -1,4 +1,5 @@
-//! vmbox-initramfs AGENT OUT: writes the guest initramfs holding AGENT as /init.
+//! vmbox-initramfs AGENT OUT: writes the guest initramfs holding AGENT as /init,
+//! LZ4-compressed (legacy format, which the guest kernel unpacks).
 
 use std::process::ExitCode;
 
@@ -23,9 +24,11 @@ fn run(agent: &str, out: &str) -> Result<(), vmbox_guest::InitramfsError> {
         source,
     })?;
     let tmp = format!("{out}.tmp");
-    let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-    vmbox_guest::initramfs(&mut f, &data)?;
-    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    let mut cpio = Vec::with_capacity(data.len() + 4096);
+    vmbox_guest::initramfs(&mut cpio, &data)?;
+    let mut f = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut f, &vmbox_guest::lz4_legacy(&cpio))?;
+    f.sync_all()?;
     std::fs::rename(&tmp, out)?;
     Ok(())
 }

@@ -40,6 +40,17 @@ pub struct VmSpec {
     pub memory_mib: u32,
 }
 
+/// Where a VM's boot went: host-side steps, then the guest itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BootTimes {
+    /// The helper daemons (virtiofsd, vhost-device-vsock) started and listening.
+    pub daemons: Duration,
+    /// The VMM process started to its machine being built (QEMU's monitor answers).
+    pub vmm_init: Duration,
+    /// The guest released to the agent's hello: firmware, kernel, agent start.
+    pub guest: Duration,
+}
+
 #[async_trait]
 pub trait Hypervisor: Send + Sync {
     /// Boots a VM and waits for its agent's hello (bounded by `timeouts.boot_ms`).
@@ -51,6 +62,7 @@ pub trait Vm: Send + Sync {
     fn id(&self) -> &str;
     /// What the agent said when it came up.
     fn hello(&self) -> &Hello;
+    fn boot_times(&self) -> BootTimes;
     fn accel(&self) -> Accel;
     fn run_dir(&self) -> &Path;
     /// Opens a stream to a guest vsock port.

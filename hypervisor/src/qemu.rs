@@ -19,7 +19,7 @@ use crate::accel::{choose, Accel, HostFacts};
 use crate::binaries::{resolve, QEMU_HINT, VIRTIOFSD_HINT, VSOCK_HINT};
 use crate::process::Child;
 use crate::vsock::{Conn, Dialer, HelloListener};
-use crate::{qmp, Hypervisor, HypervisorError, Vm, VmSpec};
+use crate::{qmp, BootTimes, Hypervisor, HypervisorError, Vm, VmSpec};
 
 /// The virtio-fs tag of the shared directory.
 pub const SHARE_TAG: &str = "vmboxfs";
@@ -49,6 +49,7 @@ pub struct QemuVm {
     accel: Accel,
     dialer: Dialer,
     hello: Hello,
+    boot_times: BootTimes,
     qemu: Option<Child>,
     daemons: Vec<Child>,
     stopped: Mutex<bool>,
@@ -107,6 +108,7 @@ impl QemuVm {
                 }
             },
             hello: Hello::default(),
+            boot_times: BootTimes::default(),
             qemu: None,
             daemons: Vec::new(),
             stopped: Mutex::new(false),
@@ -220,8 +222,14 @@ impl QemuVm {
             .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem}M,share=on")])
             .args(["-m", &format!("{mem}M"), "-smp", &spec.vcpus.to_string()])
             .args(match self.accel {
-                Accel::Tcg => ["-accel", "tcg,thread=multi", "-cpu", "max"],
-                Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
+                Accel::Tcg if cfg.vm.tcg_cache_mib > 0 => [
+                    "-accel".to_string(),
+                    format!("tcg,thread=multi,tb-size={}", cfg.vm.tcg_cache_mib),
+                    "-cpu".into(),
+                    "max".into(),
+                ],
+                Accel::Tcg => ["-accel", "tcg,thread=multi", "-cpu", "max"].map(String::from),
+                Accel::Kvm => ["-accel", "kvm", "-cpu", "host"].map(String::from),
             })
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
             .arg("-kernel")
@@ -241,15 +249,45 @@ impl QemuVm {
             ])
             .args(&args);
         log::debug!("vm {}: {:?}", self.id, cmd);
-        log::debug!(
-            "timing: vm={} daemons_up_ms={}",
-            self.id,
-            t_daemons.elapsed().as_millis()
-        );
+        self.boot_times.daemons = t_daemons.elapsed();
+        // QEMU starts with its vCPUs stopped (-S) and is released once its monitor answers,
+        // so the host's part (building the machine, loading kernel and initramfs) and the
+        // guest's part of the boot are timed apart.
+        cmd.arg("-S");
         let t_qemu = Instant::now();
         let qemu = Child::spawn("qemu", cmd, &dir.join("qemu.log"))?;
         self.write_pids(Some(qemu.pid))?;
+        let qemu = &*self.qemu.insert(qemu);
         let timeout = Duration::from_millis(cfg.timeouts.boot_ms);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let qmp_sock = dir.join("qmp.sock");
+        let failed = |status: Option<String>| {
+            let mut log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+            log.truncate(4096);
+            HypervisorError::BootFailed {
+                status: format!(
+                    "qemu {}; qemu.log: {}",
+                    status.unwrap_or_else(|| "still running".into()),
+                    log.trim()
+                ),
+                console: console_tail(&dir.join("console.log"), 20),
+            }
+        };
+        let release = async {
+            while !qmp_sock.exists() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            qmp::execute(&qmp_sock, "cont", timeout).await
+        };
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline, release) => match r {
+                Ok(r) => r?,
+                Err(_) => return Err(HypervisorError::BootTimeout { timeout_ms: cfg.timeouts.boot_ms, console: self.console_tail(20) }),
+            },
+            status = qemu.wait(timeout + Duration::from_secs(1)) => return Err(failed(status)),
+        };
+        self.boot_times.vmm_init = t_qemu.elapsed();
+        let t_guest = Instant::now();
         let cid = match &self.dialer {
             Dialer::Kernel { cid } => Some(*cid),
             Dialer::Hybrid { .. } => None,
@@ -262,25 +300,21 @@ impl QemuVm {
             Ok::<_, HypervisorError>(vmbox_protocol::hello::read_hello(&mut conn).await?)
         };
         let result = tokio::select! {
-            r = tokio::time::timeout(timeout, hello) => match r {
+            r = tokio::time::timeout_at(deadline, hello) => match r {
                 Ok(r) => r,
                 Err(_) => Err(HypervisorError::BootTimeout { timeout_ms: cfg.timeouts.boot_ms, console: self.console_tail(20) }),
             },
-            status = qemu.wait(timeout + Duration::from_secs(1)) => {
-                let mut log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
-                log.truncate(4096);
-                Err(HypervisorError::BootFailed {
-                    status: format!("qemu {}; qemu.log: {}", status.unwrap_or_else(|| "still running".into()), log.trim()),
-                    console: self.console_tail(20),
-                })
-            }
+            status = qemu.wait(timeout + Duration::from_secs(1)) => Err(failed(status)),
         };
-        self.qemu = Some(qemu);
         self.hello = result?;
+        self.boot_times.guest = t_guest.elapsed();
         log::debug!(
-            "timing: vm={} qemu_to_hello_ms={}",
+            "timing: vm={} daemons_up_ms={} qemu_init_ms={} guest_boot_ms={} guest_clock_ms={}",
             self.id,
-            t_qemu.elapsed().as_millis()
+            self.boot_times.daemons.as_millis(),
+            self.boot_times.vmm_init.as_millis(),
+            self.boot_times.guest.as_millis(),
+            self.hello.boot_time_us / 1000
         );
         Ok(())
     }
@@ -355,6 +389,10 @@ impl Vm for QemuVm {
 
     fn hello(&self) -> &Hello {
         &self.hello
+    }
+
+    fn boot_times(&self) -> BootTimes {
+        self.boot_times
     }
 
     fn accel(&self) -> Accel {

@@ -15,6 +15,7 @@ mod sandbox;
 mod service;
 mod signals;
 mod task;
+mod timing;
 
 const RUNTIME: &str = "io.containerd.vmbox.v2";
 

@@ -17,6 +17,7 @@ use vmbox_protocol::agent_ttrpc::AgentClient;
 
 use crate::error::ShimError;
 use crate::mounts;
+use crate::timing;
 
 pub struct Sandbox {
     pub id: String,
@@ -57,7 +58,9 @@ impl Sandbox {
                 memory_mib,
             };
             let vm = QemuVm::start(config, spec).await?;
-            let conn = vm.connect(vmbox_protocol::AGENT_PORT).await;
+            // QEMU's vCPUs released to the agent's hello: firmware, kernel and agent start.
+            timing::add_guest(vm.boot_times().guest);
+            let conn = timing::guest(vm.connect(vmbox_protocol::AGENT_PORT)).await;
             match conn {
                 Ok(c) => Ok((vm, vmbox_protocol::client(c))),
                 Err(e) => {
@@ -133,14 +136,15 @@ impl Sandbox {
             ..Default::default()
         };
         let ctx = ttrpc::context::with_timeout(total.as_nanos() as i64);
-        match tokio::time::timeout(total, self.agent.shutdown(ctx, &req)).await {
+        match timing::guest(tokio::time::timeout(total, self.agent.shutdown(ctx, &req))).await {
             Ok(Ok(r)) => {
                 log::info!(
                     "sandbox {}: guest shut down ({} processes needed SIGKILL)",
                     self.id,
                     r.killed
                 );
-                if self.vm.wait_exit(Duration::from_secs(5)).await.is_none() {
+                // The guest syncs, unmounts and powers off.
+                if timing::guest(self.vm.wait_exit(Duration::from_secs(5))).await.is_none() {
                     log::warn!(
                         "sandbox {}: VM still running 5 s after the guest shut down; stopping it",
                         self.id

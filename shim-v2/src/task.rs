@@ -34,6 +34,7 @@ use crate::io::{ProcessIo, StdioPaths};
 use crate::metrics;
 use crate::mounts;
 use crate::sandbox::Sandbox;
+use crate::timing;
 
 /// Longest wait for a process's output to drain after it exited; longer means a
 /// descendant still holds the pipe (a daemonized child), which must not stall the exit.
@@ -127,8 +128,14 @@ impl Inner {
         let vcpus = ann.vcpus.unwrap_or(config.vm.vcpus);
         let memory = ann.memory_mib.unwrap_or(config.vm.memory_mib);
         let t0 = std::time::Instant::now();
-        let sandbox = Arc::new(Sandbox::boot(config, &self.namespace, &id, vcpus, memory).await?);
-        log::debug!("timing: sandbox={id} boot_ms={}", t0.elapsed().as_millis());
+        let sandbox = Arc::new(
+            timing::phase(
+                &format!("sandbox={id}"),
+                "boot",
+                Sandbox::boot(config, &self.namespace, &id, vcpus, memory),
+            )
+            .await?,
+        );
         log::info!(
             "sandbox {id}: VM up in {} ms ({} vCPU, {memory} MiB, {})",
             t0.elapsed().as_millis(),
@@ -257,7 +264,7 @@ impl Inner {
         ];
         for (i, want) in wanted.into_iter().enumerate() {
             if want {
-                let (sid, c) = sandbox.stream().await?;
+                let (sid, c) = timing::guest(sandbox.stream()).await?;
                 match i {
                     0 => stdio.stdin = sid,
                     1 => stdio.stdout = sid,
@@ -289,9 +296,12 @@ impl Inner {
         let ann = Annotations::parse(spec.annotations().as_ref())?;
         let guest = to_guest(&spec, &req.id)?;
         let sandbox = self.sandbox_for(&req.id, &ann).await?;
-        let t = std::time::Instant::now();
-        let result = self.create_in(&sandbox, &req, &spec, guest).await;
-        log::debug!("timing: container={} create_ms={}", req.id, t.elapsed().as_millis());
+        let result = timing::phase(
+            &format!("container={}", req.id),
+            "create",
+            self.create_in(&sandbox, &req, &spec, guest),
+        )
+        .await;
         if let Err(e) = &result {
             log::warn!("create {}: {e}", req.id);
             sandbox_cleanup_container(&sandbox, &req.id).await;
@@ -335,9 +345,7 @@ impl Inner {
             stdio: Some(stdio).into(),
             ..Default::default()
         };
-        let pid = sandbox
-            .agent
-            .create_container(sandbox.create_ctx(), &creq)
+        let pid = timing::guest(sandbox.agent.create_container(sandbox.create_ctx(), &creq))
             .await
             .map_err(ShimError::agent)?
             .pid;
@@ -433,15 +441,8 @@ impl Inner {
     }
 
     async fn start(self: &Arc<Self>, req: StartRequest) -> Result<StartResponse, ShimError> {
-        let t = std::time::Instant::now();
-        let r = self.start_inner(req.clone()).await;
-        log::debug!(
-            "timing: container={} exec={} start_ms={}",
-            req.id,
-            req.exec_id,
-            t.elapsed().as_millis()
-        );
-        r
+        let subject = format!("container={} exec={}", req.id, req.exec_id);
+        timing::phase(&subject, "start", self.start_inner(req)).await
     }
 
     async fn start_inner(self: &Arc<Self>, req: StartRequest) -> Result<StartResponse, ShimError> {
@@ -463,9 +464,7 @@ impl Inner {
                 container_id: req.id.clone(),
                 ..Default::default()
             };
-            let pid = sandbox
-                .agent
-                .start_container(sandbox.create_ctx(), &r)
+            let pid = timing::guest(sandbox.agent.start_container(sandbox.create_ctx(), &r))
                 .await
                 .map_err(ShimError::agent)?
                 .pid;
@@ -507,9 +506,7 @@ impl Inner {
             stdio: Some(stdio).into(),
             ..Default::default()
         };
-        let pid = sandbox
-            .agent
-            .exec_process(sandbox.create_ctx(), &r)
+        let pid = timing::guest(sandbox.agent.exec_process(sandbox.create_ctx(), &r))
             .await
             .map_err(ShimError::agent)?
             .pid;
@@ -555,12 +552,11 @@ impl Inner {
     }
 
     async fn delete(self: &Arc<Self>, req: DeleteRequest) -> Result<DeleteResponse, ShimError> {
-        let t = std::time::Instant::now();
-        let r = self.delete_inner(req.clone()).await;
-        if req.exec_id.is_empty() {
-            log::debug!("timing: container={} teardown_ms={}", req.id, t.elapsed().as_millis());
+        if !req.exec_id.is_empty() {
+            return self.delete_inner(req).await;
         }
-        r
+        let subject = format!("container={}", req.id);
+        timing::phase(&subject, "teardown", self.delete_inner(req)).await
     }
 
     async fn delete_inner(self: &Arc<Self>, req: DeleteRequest) -> Result<DeleteResponse, ShimError> {
@@ -599,7 +595,7 @@ impl Inner {
             force: true,
             ..Default::default()
         };
-        if let Err(e) = sandbox.agent.remove_container(sandbox.ctx(), &r).await {
+        if let Err(e) = timing::guest(sandbox.agent.remove_container(sandbox.ctx(), &r)).await {
             log::warn!("remove {} in the guest: {e}", req.id);
         }
         let container = self.containers.lock().await.remove(&req.id);

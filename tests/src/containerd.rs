@@ -35,7 +35,7 @@ pub fn good_config(state_dir: &Path) -> String {
         "state_dir = \"{}\"\nlog_level = \"{}\"\n[vm]\nkernel = \"{}\"\ninitramfs = \"{}\"\n[timeouts]\nboot_ms = 60000\n",
         state_dir.display(),
         std::env::var("VMBOX_TEST_LOG").unwrap_or_else(|_| "info".into()),
-        g.join("vmlinuz").display(),
+        g.join("vmlinux").display(),
         g.join("initramfs.img").display()
     )
 }

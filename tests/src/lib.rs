@@ -15,7 +15,7 @@ use vmbox_hypervisor::{Conn, Vm, VmSpec};
 use vmbox_protocol::agent::*;
 use vmbox_protocol::agent_ttrpc::AgentClient;
 
-/// Where `make guest` put vmlinuz and initramfs.img (`VMBOX_GUEST_DIR` overrides).
+/// Where `make guest` put vmlinux and initramfs.img (`VMBOX_GUEST_DIR` overrides).
 pub fn guest_dir() -> PathBuf {
     std::env::var_os("VMBOX_GUEST_DIR")
         .map(PathBuf::from)
@@ -25,7 +25,7 @@ pub fn guest_dir() -> PathBuf {
 /// A config for tests: the built guest, a private state directory, TCG unless KVM works.
 pub fn test_config(name: &str) -> Config {
     let mut c = Config::default();
-    c.vm.kernel = guest_dir().join("vmlinuz");
+    c.vm.kernel = guest_dir().join("vmlinux");
     c.vm.initramfs = guest_dir().join("initramfs.img");
     c.state_dir = std::env::temp_dir().join(format!("vmbox-test-{}-{name}", std::process::id()));
     c.timeouts.boot_ms = 60_000;

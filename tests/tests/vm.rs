@@ -173,7 +173,7 @@ async fn stdin_and_stdout_carry_every_byte() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_kernel_path_fails_clearly_and_leaves_nothing() {
     let mut config = test_config("nokernel");
-    config.vm.kernel = "/nonexistent/vmlinuz".into();
+    config.vm.kernel = "/nonexistent/vmlinux".into();
     let spec = vmbox_hypervisor::VmSpec {
         id: "nokernel".into(),
         run_dir: config.state_dir.join("vm"),
@@ -187,7 +187,7 @@ async fn a_wrong_kernel_path_fails_clearly_and_leaves_nothing() {
         .expect("start must fail");
     let msg = err.to_string();
     assert!(
-        msg.contains("/nonexistent/vmlinuz") && msg.contains("make guest"),
+        msg.contains("/nonexistent/vmlinux") && msg.contains("make guest"),
         "{msg}"
     );
     assert!(!config.state_dir.join("vm").exists());
