@@ -175,9 +175,32 @@ fn read_line(mut sock: &UnixStream) -> std::io::Result<Vec<u8>> {
     }
 }
 
+/// libcontainer names an exec's notify socket `tenant-notify-<fastrand>.sock` after checking
+/// that no such file exists, and fastrand seeds itself from the monotonic clock and the
+/// thread id. Helpers started together in a guest whose clocksource fell back to jiffies
+/// (TSC calibration can fail under emulation) get the same seed, pick the same name, and
+/// all but one fail to bind. Seed from the kernel's random pool and the helper's pid,
+/// which concurrent helpers never share.
+fn seed_names() {
+    let mut buf = [0u8; 8];
+    // SAFETY: getrandom writes at most buf.len() bytes into buf.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), libc::GRND_NONBLOCK) };
+    let random = if n == buf.len() as isize {
+        u64::from_ne_bytes(buf)
+    } else {
+        0
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    fastrand::seed(random ^ nanos.rotate_left(17) ^ ((std::process::id() as u64) << 40));
+}
+
 /// The helper process: reads one request from stdin, runs it, answers, exits.
 /// Runs before any thread exists, and never starts one.
 pub fn helper_main() -> i32 {
+    seed_names();
     // SAFETY: fd 0 is the request socket the agent gave us; we own it from here on.
     let sock = unsafe { UnixStream::from_raw_fd(0) };
     let reply = match receive(&sock) {

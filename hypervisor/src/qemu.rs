@@ -232,6 +232,9 @@ impl QemuVm {
                 Accel::Kvm => ["-accel", "kvm", "-cpu", "host"].map(String::from),
             })
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+            // Free page reporting: the guest hands memory it freed (the unpacked initramfs,
+            // exited processes) back, and QEMU drops it from the host.
+            .args(["-device", "virtio-balloon-device,free-page-reporting=on"])
             .arg("-kernel")
             .arg(&cfg.vm.kernel)
             .arg("-initrd")
@@ -275,7 +278,7 @@ impl QemuVm {
         };
         let release = async {
             while !qmp_sock.exists() {
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
             qmp::execute(&qmp_sock, "cont", timeout).await
         };
@@ -344,7 +347,7 @@ impl QemuVm {
                     timeout_ms: SOCKET_TIMEOUT.as_millis() as u64,
                 });
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         Ok(())
     }

@@ -115,22 +115,52 @@ fn pids_under(root: u32) -> Vec<u32> {
     out
 }
 
-/// PSS of `pid` in KiB: (all mappings, guest-RAM mappings (memfd)).
-fn pss(pid: u32) -> (u64, u64) {
+/// PSS of one process in KiB, by kind of mapping.
+#[derive(Default, Clone, Copy)]
+struct Pss {
+    total: u64,
+    /// Guest RAM: QEMU's memfd backend, also mapped by the vhost-user daemons.
+    guest_ram: u64,
+    /// TCG's translated-code cache: QEMU's anonymous executable mapping (emulation only).
+    tcg_cache: u64,
+}
+
+impl std::ops::AddAssign for Pss {
+    fn add_assign(&mut self, o: Pss) {
+        self.total += o.total;
+        self.guest_ram += o.guest_ram;
+        self.tcg_cache += o.tcg_cache;
+    }
+}
+
+fn pss(pid: u32) -> Pss {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let (mut total, mut guest, mut in_guest) = (0, 0, false);
+    let is_qemu = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.to_string_lossy().contains("qemu-system"))
+        .unwrap_or(false);
+    let mut p = Pss::default();
+    let mut kind = 0; // 0 other, 1 guest RAM, 2 TCG cache
     for l in text.lines() {
-        if l.contains('-') && l.split_whitespace().count() >= 5 && !l.ends_with(" kB") {
-            in_guest = l.contains("memfd:");
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() >= 5 && f[0].contains('-') && !l.ends_with(" kB") {
+            kind = if l.contains("memfd:") {
+                1
+            } else if is_qemu && f.len() == 5 && f[1].contains('x') {
+                2
+            } else {
+                0
+            };
         } else if let Some(v) = l.strip_prefix("Pss:") {
             let kb: u64 = v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0);
-            total += kb;
-            if in_guest {
-                guest += kb;
+            p.total += kb;
+            match kind {
+                1 => p.guest_ram += kb,
+                2 => p.tcg_cache += kb,
+                _ => {}
             }
         }
     }
-    (total, guest)
+    p
 }
 
 fn cleanup(c: &Containerd, id: &str) {
@@ -184,7 +214,7 @@ fn main() {
 
     // 2. exec latency, 3. PSS per idle sandbox.
     let mut exec_ms: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    let mut mem: BTreeMap<&str, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    let mut mem: BTreeMap<&str, Vec<Pss>> = BTreeMap::new();
     for rt in &rts {
         let ids: Vec<String> = (0..idle).map(|i| format!("idle-{}-{i}", rt.name)).collect();
         for id in &ids {
@@ -204,15 +234,11 @@ fn main() {
             let Some(shim) = c.pid_of(&format!("-id {id} -address {}", c.address)).map(|p| p as u32) else {
                 continue;
             };
-            let (mut total, mut guest) = (0, 0);
+            let mut sum = Pss::default();
             for p in pids_under(shim) {
-                let (t, g) = pss(p);
-                total += t;
-                guest += g;
+                sum += pss(p);
             }
-            let e = mem.entry(rt.name).or_default();
-            e.0.push(total as f64 / 1024.0);
-            e.1.push((total - guest) as f64 / 1024.0);
+            mem.entry(rt.name).or_default().push(sum);
         }
         for id in &ids {
             cleanup(c, id);
@@ -287,15 +313,26 @@ fn main() {
     row("`ctr task exec` /bin/true (ms)", &|n| {
         summary(&mut exec_ms.get(n).cloned().unwrap_or_default())
     });
-    row(&format!("PSS per idle sandbox, MiB (median of {idle})"), &|n| {
-        mem.get(n)
-            .map(|m| format!("{:.1}", median(&mut m.0.clone())))
-            .unwrap_or("-".into())
+    let mem_row = |label: &str, f: fn(&Pss) -> u64| {
+        row(label, &|n| {
+            mem.get(n)
+                .map(|m| {
+                    let mut v: Vec<f64> = m.iter().map(|p| f(p) as f64 / 1024.0).collect();
+                    format!("{:.1}", median(&mut v))
+                })
+                .unwrap_or("-".into())
+        })
+    };
+    mem_row(
+        &format!("PSS per idle sandbox, MiB (median of {idle} running at once)"),
+        |p| p.total,
+    );
+    mem_row("  host processes without guest RAM", |p| p.total - p.guest_ram);
+    mem_row("  of which TCG's translated-code cache (emulation only)", |p| {
+        p.tcg_cache
     });
-    row("  of it host processes, without guest RAM", &|n| {
-        mem.get(n)
-            .map(|m| format!("{:.1}", median(&mut m.1.clone())))
-            .unwrap_or("-".into())
+    mem_row("  host processes without guest RAM and TCG cache", |p| {
+        p.total - p.guest_ram - p.tcg_cache
     });
     row("10 sandboxes in parallel: total s (failures)", &|n| {
         parallel
