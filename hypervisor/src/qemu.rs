@@ -276,12 +276,7 @@ impl QemuVm {
                 console: console_tail(&dir.join("console.log"), 20),
             }
         };
-        let release = async {
-            while !qmp_sock.exists() {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            qmp::execute(&qmp_sock, "cont", timeout).await
-        };
+        let release = qmp::execute_when_up(&qmp_sock, "cont", timeout);
         tokio::select! {
             r = tokio::time::timeout_at(deadline, release) => match r {
                 Ok(r) => r?,
