@@ -350,7 +350,9 @@ fn main() {
     for k in [
         "shim_start",
         "daemons_up",
-        "qemu_to_hello",
+        "qemu_init",
+        "guest_boot",
+        "guest_clock",
         "boot",
         "create",
         "start",
