@@ -37,6 +37,8 @@ guest: kernel initramfs
 install: build guest
 	install -D -m 0755 target/release/containerd-shim-vmbox-v2 $(DESTDIR)$(PREFIX)/bin/containerd-shim-vmbox-v2
 	install -D -m 0644 $(GUEST_OUT)/vmlinux $(DESTDIR)$(SHARE_DIR)/vmlinux
+	@# Configs installed by earlier versions name the kernel vmlinuz (a bzImage then).
+	ln -sfn vmlinux $(DESTDIR)$(SHARE_DIR)/vmlinuz
 	install -D -m 0644 $(GUEST_OUT)/initramfs.img $(DESTDIR)$(SHARE_DIR)/initramfs.img
 	@if [ ! -f $(DESTDIR)$(CONFIG_DIR)/config.toml ]; then \
 	  install -D -m 0644 config/vmbox.toml $(DESTDIR)$(CONFIG_DIR)/config.toml; fi
