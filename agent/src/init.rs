@@ -44,36 +44,27 @@ fn mnt(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>
         .map_err(|e| AgentError::Invalid(format!("mount {fstype} on {target}: {e}")))
 }
 
-/// Set in the environment once the agent runs from its own tmpfs root.
-const SWITCHED: &str = "VMBOX_ROOT_SWITCHED";
-
-/// Moves the agent out of the initramfs onto a tmpfs root, then re-executes it there.
+/// Moves the agent's root off the initramfs onto a fresh tmpfs.
 ///
 /// The kernel's initial rootfs cannot be pivoted away from, and libcontainer (like runc)
-/// pivot_roots into every container. Like `switch_root`, copy /init to a fresh tmpfs,
-/// free the initramfs copy, move the tmpfs over / and exec it. Returns only when the
-/// switch already happened (in the re-executed agent).
+/// pivot_roots into every container. Mount a tmpfs, move it over / and chroot into it.
+/// The agent keeps running from its initramfs file, which the new root hides but which
+/// stays reachable as `/proc/self/exe` (how the libcontainer helpers are started); no copy
+/// of the binary and no re-exec (kernel start to agent hello, median of 10 boots under
+/// TCG: 1558 ms with them, 1288-1504 ms without).
 pub fn switch_root() -> Result<(), AgentError> {
-    if std::env::var_os(SWITCHED).is_some() {
-        return Ok(());
-    }
     let new = "/newroot";
     mnt("rootfs", new, "tmpfs", MsFlags::empty(), Some("mode=0755"))?;
-    std::fs::copy("/init", "/newroot/init").map_err(|e| AgentError::io(Path::new("/newroot/init"), e))?;
     for d in ["dev", "proc", "sys", "run", "tmp"] {
         let p = Path::new(new).join(d);
         std::fs::create_dir_all(&p).map_err(|e| AgentError::io(&p, e))?;
     }
-    // The initramfs copy of the agent would otherwise stay in memory for the VM's life.
-    let _ = std::fs::remove_file("/init");
     nix::unistd::chdir(new).map_err(AgentError::sys("chdir /newroot"))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(AgentError::sys("move /newroot to /"))?;
     nix::unistd::chroot(".").map_err(AgentError::sys("chroot"))?;
     nix::unistd::chdir("/").map_err(AgentError::sys("chdir /"))?;
-    std::env::set_var(SWITCHED, "1");
-    let err = std::os::unix::process::CommandExt::exec(&mut std::process::Command::new("/init"));
-    Err(AgentError::Invalid(format!("re-exec /init on the new root: {err}")))
+    Ok(())
 }
 
 /// The filesystems every guest needs before anything else.
