@@ -212,6 +212,11 @@ impl QemuVm {
             append.push_str(&cfg.vm.kernel_params);
         }
         let mem = spec.memory_mib;
+        let (accel, cpu) = match (self.accel, cfg.vm.tcg_cache_mib) {
+            (Accel::Tcg, 0) => ("tcg,thread=multi".to_string(), "max"),
+            (Accel::Tcg, mib) => (format!("tcg,thread=multi,tb-size={mib}"), "max"),
+            (Accel::Kvm, _) => ("kvm".to_string(), "host"),
+        };
         let mut cmd = Command::new(qemu_bin);
         cmd.arg("-name")
             .arg(format!("vmbox-{},process=vmbox-{}", self.id, self.id))
@@ -221,16 +226,7 @@ impl QemuVm {
             ])
             .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem}M,share=on")])
             .args(["-m", &format!("{mem}M"), "-smp", &spec.vcpus.to_string()])
-            .args(match self.accel {
-                Accel::Tcg if cfg.vm.tcg_cache_mib > 0 => [
-                    "-accel".to_string(),
-                    format!("tcg,thread=multi,tb-size={}", cfg.vm.tcg_cache_mib),
-                    "-cpu".into(),
-                    "max".into(),
-                ],
-                Accel::Tcg => ["-accel", "tcg,thread=multi", "-cpu", "max"].map(String::from),
-                Accel::Kvm => ["-accel", "kvm", "-cpu", "host"].map(String::from),
-            })
+            .args(["-accel", &accel, "-cpu", cpu])
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
             // Free page reporting: the guest hands memory it freed (the unpacked initramfs,
             // exited processes) back, and QEMU drops it from the host.
