@@ -27,10 +27,10 @@ agent:
 	  echo "vmbox-agent is not static: check LIBSECCOMP_LINK_TYPE" >&2; exit 1; fi
 
 kernel:
-	guest/build-kernel.sh $(GUEST_OUT)/vmlinux
+	guest/build-kernel.sh $(abspath $(GUEST_OUT))/vmlinux
 
 initramfs: agent
-	cargo run --release -q -p vmbox-guest --bin vmbox-initramfs -- $(AGENT_BIN) $(GUEST_OUT)/initramfs.img
+	cargo run --release -q -p vmbox-guest --bin vmbox-initramfs -- $(abspath $(AGENT_BIN)) $(abspath $(GUEST_OUT))/initramfs.img
 
 guest: kernel initramfs
 

@@ -7,8 +7,10 @@
 # Env: VMBOX_CACHE (default /var/cache/vmbox), JOBS (default nproc).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-out=${1:?usage: build-kernel.sh OUT_VMLINUX}
-cache=${VMBOX_CACHE:-/var/cache/vmbox}
+# Every path is made absolute here, before the script changes directory (a relative OUT
+# was once installed under / on a cache miss).
+out=$(realpath -m -- "${1:?usage: build-kernel.sh OUT_VMLINUX}")
+cache=$(realpath -m -- "${VMBOX_CACHE:-/var/cache/vmbox}")
 src_tar=/usr/src/linux-source-6.1.tar.xz
 [ -f "$src_tar" ] || { echo "build-kernel: $src_tar missing: apt-get install linux-source-6.1" >&2; exit 1; }
 src_ver=$(dpkg-query -W -f='${Version}' linux-source-6.1 2>/dev/null || stat -c %Y "$src_tar")

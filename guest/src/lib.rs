@@ -15,6 +15,13 @@ pub enum InitramfsError {
     },
     #[error("cannot write the initramfs: {0}")]
     Write(#[from] std::io::Error),
+    /// Creating, writing or renaming the output file `path` failed.
+    #[error("cannot write the initramfs {path}: {source}")]
+    WriteFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// One entry of the archive.

@@ -3,7 +3,8 @@
 # `ctr image import` takes; no registry needed. Deterministic: same input, same digests.
 #   usage: build-image.sh OUT.tar [IMAGE_NAME]
 set -euo pipefail
-out=${1:?usage: build-image.sh OUT.tar [IMAGE_NAME]}
+# Absolute before anything runs with -C or changes directory.
+out=$(realpath -m -- "${1:?usage: build-image.sh OUT.tar [IMAGE_NAME]}")
 name=${2:-docker.io/vmbox/busybox:latest}
 busybox=$(command -v busybox || true)
 [ -x /bin/busybox ] && busybox=/bin/busybox
