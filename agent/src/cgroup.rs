@@ -36,11 +36,27 @@ pub fn enable_controllers() -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Pids of every process in the container's cgroup.
+/// Pids of every process in the container's cgroup; none once the cgroup is gone (its
+/// processes have all exited and libcontainer removed it).
 pub fn pids(id: &str) -> Result<Vec<u32>, AgentError> {
     let f = dir(id).join("cgroup.procs");
-    let text = std::fs::read_to_string(&f).map_err(|e| AgentError::io(&f, e))?;
+    let text = match std::fs::read_to_string(&f) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(AgentError::io(&f, e)),
+    };
     Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+}
+
+/// Removes the container's cgroup (empty once its processes are reaped); gone already
+/// is fine.
+pub fn remove(id: &str) -> Result<(), AgentError> {
+    let d = dir(id);
+    match std::fs::remove_dir(&d) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(AgentError::io(&d, e)),
+    }
 }
 
 fn read(id: &str, file: &str) -> Option<String> {
@@ -145,7 +161,15 @@ pub fn update(id: &str, r: &oci_spec::runtime::LinuxResources) -> Result<(), Age
     }
     let write = |file: &str, value: String| {
         let f = d.join(file);
-        std::fs::write(&f, &value).map_err(|e| AgentError::Invalid(format!("{}: {value}: {e}", f.display())))
+        std::fs::write(&f, &value).map_err(|e| {
+            let msg = format!("{}: {value}: {e}", f.display());
+            // The kernel refuses a malformed value with EINVAL: the request's fault.
+            if e.kind() == std::io::ErrorKind::InvalidInput {
+                AgentError::Invalid(msg)
+            } else {
+                AgentError::Internal(msg)
+            }
+        })
     };
     if let Some(m) = r.memory() {
         if let Some(limit) = m.limit() {

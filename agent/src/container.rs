@@ -16,7 +16,8 @@ use vmbox_protocol::agent::Stdio;
 use crate::cgroup;
 use crate::engine::{Engine, Request};
 use crate::fdio::{pump, FdIo};
-use crate::reaper::{Exit, Reaper};
+use crate::oom::OomEvents;
+use crate::reaper::{Exit, Mark, Reaper};
 use crate::streams::Streams;
 use crate::AgentError;
 
@@ -35,11 +36,16 @@ pub struct Process {
 }
 
 impl Process {
-    fn new(pid: i32, reaper: &Reaper, stdio: PreparedStdio) -> Process {
+    /// Starts following process `pid` of container `id`, created by a request that began
+    /// at `since`. Its exit is published only after the container's OOM kill count was
+    /// checked, so an OOM kill is queued before the exit it caused.
+    fn new(pid: i32, since: Mark, c: &Containers, id: &str, stdio: PreparedStdio) -> Process {
         let (tx, rx) = watch::channel(None);
-        let exited = reaper.watch(pid);
+        let exited = c.reaper.watch(pid, since);
+        let (oom, id) = (c.oom.clone(), id.to_string());
         tokio::spawn(async move {
             if let Ok(exit) = exited.await {
+                oom.check(&id);
                 let _ = tx.send(Some(exit));
             }
         });
@@ -90,6 +96,7 @@ impl Container {
 pub struct Containers {
     pub map: Arc<Mutex<HashMap<String, Container>>>,
     pub reaper: Reaper,
+    pub oom: OomEvents,
     engine: Engine,
     streams: Streams,
 }
@@ -111,6 +118,7 @@ impl Containers {
             map: Arc::default(),
             engine: Engine::new(reaper.clone()),
             reaper,
+            oom: OomEvents::default(),
             streams,
         }
     }
@@ -118,7 +126,7 @@ impl Containers {
     pub async fn create(&self, id: &str, spec_json: &[u8], rootfs: &str, stdio: &Stdio) -> Result<i32, AgentError> {
         check_id("container_id", id)?;
         if self.map.lock().await.contains_key(id) {
-            return Err(AgentError::Invalid(format!("container {id} already exists")));
+            return Err(AgentError::AlreadyExists(format!("container {id} already exists")));
         }
         let rootfs = shared_path(rootfs)?;
         if !rootfs.is_dir() {
@@ -135,7 +143,7 @@ impl Containers {
         let config = bundle.join("config.json");
         std::fs::write(
             &config,
-            serde_json::to_vec(&spec).map_err(|e| AgentError::Invalid(e.to_string()))?,
+            serde_json::to_vec(&spec).map_err(|e| AgentError::Internal(e.to_string()))?,
         )
         .map_err(|e| AgentError::io(&config, e))?;
 
@@ -147,16 +155,17 @@ impl Containers {
             stdio: [!prepared.child_fds.is_empty(); 3],
         };
         let fds = std::mem::take(&mut prepared.child_fds);
+        let since = self.reaper.mark();
         let pid = match self.engine.run(req, fds).await {
             Ok(Some(pid)) => pid,
-            Ok(None) => return Err(AgentError::Invalid("libcontainer reported no pid".into())),
+            Ok(None) => return Err(AgentError::Internal("libcontainer reported no pid".into())),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&bundle);
                 return Err(e.into());
             }
         };
         let prepared = finish_tty(prepared, &format!("{id} init")).await?;
-        let init = Process::new(pid, &self.reaper, prepared);
+        let init = Process::new(pid, since, self, id, prepared);
         log::info!("container {id} created, init pid {pid}");
         self.map.lock().await.insert(
             id.to_string(),
@@ -178,7 +187,9 @@ impl Containers {
     pub async fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], stdio: &Stdio) -> Result<i32, AgentError> {
         check_id("exec_id", exec_id)?;
         self.with(id, |c| match c.execs.get(exec_id).map(|p| p.exited().is_some()) {
-            Some(false) => Err(AgentError::Invalid(format!("exec {exec_id} already exists in {id}"))),
+            Some(false) => Err(AgentError::AlreadyExists(format!(
+                "exec {exec_id} already exists in {id}"
+            ))),
             _ => Ok(()),
         })
         .await?;
@@ -188,7 +199,7 @@ impl Containers {
         let file = Path::new(BUNDLES).join(id).join(format!("exec-{exec_id}.json"));
         std::fs::write(
             &file,
-            serde_json::to_vec(&process).map_err(|e| AgentError::Invalid(e.to_string()))?,
+            serde_json::to_vec(&process).map_err(|e| AgentError::Internal(e.to_string()))?,
         )
         .map_err(|e| AgentError::io(&file, e))?;
         let mut prepared = self.prepare_stdio(stdio, id, exec_id).await?;
@@ -199,11 +210,12 @@ impl Containers {
             stdio: [!prepared.child_fds.is_empty(); 3],
         };
         let fds = std::mem::take(&mut prepared.child_fds);
+        let since = self.reaper.mark();
         let result = self.engine.run(req, fds).await;
         let _ = std::fs::remove_file(&file);
-        let pid = result?.ok_or_else(|| AgentError::Invalid("libcontainer reported no pid".into()))?;
+        let pid = result?.ok_or_else(|| AgentError::Internal("libcontainer reported no pid".into()))?;
         let prepared = finish_tty(prepared, &format!("{id} exec {exec_id}")).await?;
-        let proc = Process::new(pid, &self.reaper, prepared);
+        let proc = Process::new(pid, since, self, id, prepared);
         let mut map = self.map.lock().await;
         let c = map
             .get_mut(id)
@@ -215,7 +227,17 @@ impl Containers {
     pub async fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<(), AgentError> {
         let sig = Signal::try_from(signal as i32).map_err(|_| AgentError::Invalid(format!("signal {signal}")))?;
         if all {
-            for pid in cgroup::pids(id)? {
+            // Every process in the container's cgroup. With none left (the container has
+            // stopped and its cgroup may be gone), answer as runc does for a stopped
+            // container: "process already finished", which containerd takes as done.
+            let init_exited = self.with(id, |c| Ok(c.init.exited().is_some())).await?;
+            let pids = cgroup::pids(id)?;
+            if pids.is_empty() && init_exited {
+                return Err(AgentError::NotFound(format!(
+                    "container {id}: process already finished"
+                )));
+            }
+            for pid in pids {
                 let _ = kill(Pid::from_raw(pid as i32), sig);
             }
             return Ok(());
@@ -226,7 +248,10 @@ impl Containers {
         if exited {
             return Err(AgentError::NotFound(format!("process {pid} has already exited")));
         }
-        kill(Pid::from_raw(pid), sig).map_err(|e| AgentError::Invalid(format!("kill {pid}: {e}")))
+        kill(Pid::from_raw(pid), sig).map_err(|e| match e {
+            nix::errno::Errno::ESRCH => AgentError::NotFound(format!("process {pid} already finished")),
+            e => AgentError::Internal(format!("kill {pid}: {e}")),
+        })
     }
 
     /// Waits for the exit. An exec is forgotten once its exit was handed out (the host
@@ -254,7 +279,8 @@ impl Containers {
         let master = self
             .with(id, |c| c.process(exec_id).map(|p| p.pty_master.clone()))
             .await?;
-        let master = master.ok_or_else(|| AgentError::Invalid("the process has no terminal".into()))?;
+        // As runc's shim: resizing a process without a terminal does nothing.
+        let Some(master) = master else { return Ok(()) };
         let ws = libc::winsize {
             ws_row: rows as u16,
             ws_col: cols as u16,
@@ -264,7 +290,7 @@ impl Containers {
         // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer on a pty master fd we own.
         let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
         if rc != 0 {
-            return Err(AgentError::Invalid(format!(
+            return Err(AgentError::Internal(format!(
                 "TIOCSWINSZ: {}",
                 std::io::Error::last_os_error()
             )));
@@ -286,12 +312,30 @@ impl Containers {
     pub async fn remove(&self, id: &str, force: bool) -> Result<(), AgentError> {
         let running = self.with(id, |c| Ok(c.init.exited().is_none())).await?;
         if running && !force {
-            return Err(AgentError::Invalid(format!("container {id} is still running")));
+            return Err(AgentError::FailedPrecondition(format!(
+                "container {id} is still running"
+            )));
         }
-        self.engine
-            .run(Request::Delete { id: id.into(), force }, vec![])
-            .await?;
+        self.oom.check(id);
+        // A stopped container is always removed: if libcontainer cannot delete it (its
+        // cgroup or state already gone), what is left of it is cleaned up here.
+        if let Err(e) = self.engine.run(Request::Delete { id: id.into(), force }, vec![]).await {
+            log::warn!("container {id}: libcontainer delete: {e}; cleaning up its state directly");
+            for pid in cgroup::pids(id).unwrap_or_default() {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+            let state = Path::new(crate::engine::STATE_ROOT).join(id);
+            if let Err(e) = std::fs::remove_dir_all(&state) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    log::warn!("container {id}: remove {}: {e}", state.display());
+                }
+            }
+            if let Err(e) = cgroup::remove(id) {
+                log::warn!("container {id}: {e}");
+            }
+        }
         self.map.lock().await.remove(id);
+        self.oom.forget(id);
         let bundle = Path::new(BUNDLES).join(id);
         let _ = std::fs::remove_dir_all(&bundle);
         log::info!("container {id} removed");
@@ -316,7 +360,7 @@ impl Containers {
         for (i, sid) in [stdio.stdin, stdio.stdout, stdio.stderr].into_iter().enumerate() {
             if sid != 0 {
                 let s = self.streams.take(sid, STREAM_WAIT).await.ok_or_else(|| {
-                    AgentError::Invalid(format!("stdio stream {sid} did not arrive within {STREAM_WAIT:?}"))
+                    AgentError::Internal(format!("stdio stream {sid} did not arrive within {STREAM_WAIT:?}"))
                 })?;
                 streams[i] = Some(s);
             }
@@ -332,7 +376,7 @@ impl Containers {
             let console = tokio::spawn(async move {
                 let r = tokio::time::timeout(Duration::from_secs(30), receive_pty_master(&listener)).await;
                 let _ = std::fs::remove_file(&p);
-                r.map_err(|_| AgentError::Invalid("no pty master from the container".into()))?
+                r.map_err(|_| AgentError::Internal("no pty master from the container".into()))?
             });
             return Ok(PreparedStdio {
                 child_fds: vec![],
@@ -396,7 +440,7 @@ async fn finish_tty(mut p: PreparedStdio, what: &str) -> Result<PreparedStdio, A
     let Some(console) = p.console.take() else { return Ok(p) };
     let master = console
         .await
-        .map_err(|e| AgentError::Invalid(format!("console: {e}")))??;
+        .map_err(|e| AgentError::Internal(format!("console: {e}")))??;
     let master = Arc::new(master);
     let [sin, sout] = std::mem::take(&mut p.tty_streams);
     let dup = |m: &OwnedFd| m.try_clone().map_err(AgentError::sys_io("dup pty master"));
@@ -442,7 +486,7 @@ async fn receive_pty_master(listener: &tokio::net::UnixListener) -> Result<Owned
         });
         match r {
             Ok(Some(fd)) => return Ok(fd),
-            Ok(None) => return Err(AgentError::Invalid("console socket closed without a pty".into())),
+            Ok(None) => return Err(AgentError::Internal("console socket closed without a pty".into())),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(AgentError::sys_io("console recvmsg")(e)),
         }
@@ -485,6 +529,9 @@ fn prepare_spec(spec: &mut oci_spec::runtime::Spec, id: &str, rootfs: &Path, ter
     } else {
         return Err(AgentError::Invalid("oci_spec: no process".into()));
     }
+    if let Some(cwd) = spec.process().as_ref().map(|p| p.cwd().clone()) {
+        ensure_cwd(rootfs, &cwd)?;
+    }
     let mut linux = spec.linux().clone().unwrap_or_default();
     linux.set_cgroups_path(Some(cgroup::path(id)));
     if let Some(ns) = linux.namespaces_mut() {
@@ -496,9 +543,92 @@ fn prepare_spec(spec: &mut oci_spec::runtime::Spec, id: &str, rootfs: &Path, ter
     Ok(())
 }
 
+/// Creates the process's working directory `cwd` in `rootfs` when it is missing, as runc
+/// does before the container starts (owned by root, mode 0755, whatever the process's
+/// user); libcontainer would fail on it. Every component is resolved inside `rootfs`
+/// (openat2 RESOLVE_IN_ROOT), so a symlink in the image cannot lead the agent out of it.
+/// A `cwd` below a mount of the spec is created in the rootfs underneath that mount,
+/// where the process cannot see it: chdir then fails with an error naming it.
+pub fn ensure_cwd(rootfs: &Path, cwd: &Path) -> Result<(), AgentError> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    use std::os::fd::FromRawFd;
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let root = std::fs::File::open(rootfs).map_err(|e| AgentError::io(rootfs, e))?;
+    let open_in_root = |rel: &Path| -> nix::Result<OwnedFd> {
+        let how = OpenHow::new().flags(flags).resolve(ResolveFlag::RESOLVE_IN_ROOT);
+        let rel = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
+        // SAFETY: openat2 returned a new descriptor that nothing else owns.
+        openat2(root.as_raw_fd(), rel, how).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let fail =
+        |what: &str, e: nix::errno::Errno| AgentError::Internal(format!("process.cwd {}: {what}: {e}", cwd.display()));
+    let mut so_far = PathBuf::new();
+    for comp in cwd.components() {
+        let name = match comp {
+            Component::Normal(n) => n,
+            Component::ParentDir => {
+                so_far.push("..");
+                continue;
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => continue,
+        };
+        let next = so_far.join(name);
+        match open_in_root(&next) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::ENOENT) => {
+                let parent = open_in_root(&so_far).map_err(|e| fail(&format!("open {}", so_far.display()), e))?;
+                match nix::sys::stat::mkdirat(
+                    Some(parent.as_raw_fd()),
+                    name,
+                    nix::sys::stat::Mode::from_bits_truncate(0o755),
+                ) {
+                    Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                    Err(e) => return Err(fail(&format!("create {}", next.display()), e)),
+                }
+            }
+            Err(e) => return Err(fail(&format!("open {}", next.display()), e)),
+        }
+        so_far = next;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_cwd_is_created_inside_the_rootfs() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = std::env::temp_dir().join(format!("vmbox-cwd-{}", std::process::id()));
+        let outside = std::env::temp_dir().join(format!("vmbox-cwd-out-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        ensure_cwd(&root, Path::new("/a/b/c")).unwrap();
+        let m = std::fs::metadata(root.join("a/b/c")).unwrap();
+        assert!(m.is_dir());
+        assert_eq!(m.permissions().mode() & 0o777, 0o755);
+        ensure_cwd(&root, Path::new("/a/b/c")).unwrap();
+        // An absolute symlink in the image resolves inside the rootfs, not on the agent's
+        // root: one pointing at a directory outside is dangling in there (an error).
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        assert!(ensure_cwd(&root, Path::new("/link/x")).is_err());
+        assert!(!outside.join("x").exists(), "created outside the rootfs");
+        std::fs::create_dir(root.join("real")).unwrap();
+        std::os::unix::fs::symlink("/real", root.join("link2")).unwrap();
+        ensure_cwd(&root, Path::new("/link2/y")).unwrap();
+        assert!(root.join("real/y").is_dir());
+        // A file in the way is an error naming the cwd.
+        std::fs::write(root.join("file"), b"").unwrap();
+        let e = ensure_cwd(&root, Path::new("/file/x")).unwrap_err().to_string();
+        assert!(e.contains("/file/x"), "{e}");
+        std::fs::remove_dir_all(&root).unwrap();
+        std::fs::remove_dir_all(&outside).unwrap();
+    }
 
     #[test]
     fn ids_are_checked() {

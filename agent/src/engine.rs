@@ -106,13 +106,14 @@ impl Engine {
             .map_err(|e| EngineError::Helper(e.to_string()))?;
         let helper_err = |what: &str, e: &dyn std::fmt::Display| EngineError::Helper(format!("{what}: {e}"));
         let (ours, theirs) = UnixStream::pair().map_err(|e| helper_err("socketpair", &e))?;
+        let since = self.reaper.mark();
         let child = std::process::Command::new("/proc/self/exe")
             .arg("helper")
             .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
             .stdout(std::process::Stdio::null())
             .spawn()
             .map_err(|e| helper_err("spawn /proc/self/exe helper", &e))?;
-        let exited = self.reaper.watch(child.id() as i32);
+        let exited = self.reaper.watch(child.id() as i32, since);
         // Dropping a std Child neither kills nor waits: the reaper collects it.
         drop(child);
         let line = serde_json::to_vec(&req).map_err(|e| helper_err("encode request", &e))?;
@@ -197,19 +198,112 @@ fn seed_names() {
     fastrand::seed(random ^ nanos.rotate_left(17) ^ ((std::process::id() as u64) << 40));
 }
 
+/// Upper bound of the failure detail collected from libcontainer's log events.
+const MAX_DETAIL: usize = 8 * 1024;
+
+/// libcontainer reports a failure inside the processes it clones (the intermediate and
+/// the container's init) as a bare top-level message over its channel ("failed to unix
+/// syscall"), without errno or path; those are only in the tracing error events it logs
+/// where the failure happened. The helper sends its own and its clones' error events
+/// (the clones inherit the pipe) to a pipe, and adds them to the error it reports.
+/// Both ends are non-blocking: a full pipe drops events, it never stalls a container.
+fn capture_failure_details() -> Option<OwnedFd> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK).ok()?;
+    // The write end lives as long as the helper (and its clones, until they exec).
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(write);
+    tracing_subscriber::fmt()
+        .with_writer(move || PipeWriter(fd))
+        .with_max_level(tracing::Level::ERROR)
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .with_level(false)
+        .try_init()
+        .ok()?;
+    Some(read)
+}
+
+/// One formatted event per write (tracing-subscriber buffers each event), so lines from
+/// several processes do not interleave.
+struct PipeWriter(RawFd);
+
+impl Write for PipeWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // SAFETY: writes at most buf.len() bytes from a valid buffer to an fd we own.
+        let _ = unsafe { libc::write(self.0, buf.as_ptr().cast(), buf.len()) };
+        // Dropped when the pipe is full: details are best effort.
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The distinct lines waiting in the detail pipe, joined, at most [`MAX_DETAIL`] bytes.
+fn failure_details(read: &OwnedFd) -> String {
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while text.len() < MAX_DETAIL {
+        match nix::unistd::read(read.as_raw_fd(), &mut buf) {
+            Ok(n) if n > 0 => text.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&text);
+    let mut lines: Vec<&str> = Vec::new();
+    for l in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if !lines.contains(&l) {
+            lines.push(l);
+        }
+    }
+    let mut out = lines.join("; ");
+    if out.len() > MAX_DETAIL {
+        let mut end = MAX_DETAIL;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+    }
+    out
+}
+
+/// An error with every cause in its chain ("a: b: c"), skipping causes its message
+/// already contains.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let m = c.to_string();
+        if !m.is_empty() && !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cause = c.source();
+    }
+    s
+}
+
 /// The helper process: reads one request from stdin, runs it, answers, exits.
 /// Runs before any thread exists, and never starts one.
 pub fn helper_main() -> i32 {
     seed_names();
+    let details = capture_failure_details();
     // SAFETY: fd 0 is the request socket the agent gave us; we own it from here on.
     let sock = unsafe { UnixStream::from_raw_fd(0) };
     let reply = match receive(&sock) {
         Ok((req, fds)) => match execute(req, fds) {
             Ok(pid) => Response { pid, error: None },
-            Err(e) => Response {
-                pid: None,
-                error: Some(e),
-            },
+            Err(e) => {
+                let detail = details.as_ref().map(failure_details).unwrap_or_default();
+                Response {
+                    pid: None,
+                    error: Some(if detail.is_empty() || e.contains(&detail) {
+                        e
+                    } else {
+                        format!("{e} ({detail})")
+                    }),
+                }
+            }
         },
         Err(e) => Response {
             pid: None,
@@ -259,12 +353,13 @@ fn execute(req: Request, fds: Vec<OwnedFd>) -> Result<Option<i32>, String> {
     use libcontainer::container::Container;
     use libcontainer::syscall::syscall::SyscallType;
 
-    let err = |e: libcontainer::error::LibcontainerError| e.to_string();
+    let err = |e: libcontainer::error::LibcontainerError| chain(&e);
     let load = |id: &str| Container::load(Path::new(STATE_ROOT).join(id)).map_err(err);
     let builder = |id: &str, console: Option<PathBuf>, stdio: [bool; 3], fds: Vec<OwnedFd>| {
         let mut b = ContainerBuilder::new(id.to_string(), SyscallType::default())
             .with_root_path(STATE_ROOT)
             .map_err(err)?
+            .with_executor(crate::workload::Workload)
             .with_console_socket(console);
         let mut fds = fds.into_iter();
         for (i, present) in stdio.iter().enumerate() {

@@ -16,6 +16,9 @@ pub struct Params {
     pub log_level: log::LevelFilter,
     /// Host vsock port to send the hello to.
     pub hello_port: u32,
+    /// The guest's hostname (`vmbox.hostname`): the host's, so a container without a
+    /// hostname of its own sees what it would under runc; empty leaves it unset.
+    pub hostname: String,
 }
 
 impl Params {
@@ -24,6 +27,7 @@ impl Params {
             share: String::new(),
             log_level: log::LevelFilter::Info,
             hello_port: vmbox_protocol::HELLO_PORT,
+            hostname: String::new(),
         };
         for word in cmdline.split_whitespace() {
             let Some((k, v)) = word.split_once('=') else { continue };
@@ -31,6 +35,7 @@ impl Params {
                 "vmbox.share" => p.share = v.to_string(),
                 "vmbox.log" => p.log_level = v.parse().unwrap_or(log::LevelFilter::Info),
                 "vmbox.hello_port" => p.hello_port = v.parse().unwrap_or(vmbox_protocol::HELLO_PORT),
+                "vmbox.hostname" if vmbox_protocol::valid_hostname(v) => p.hostname = v.to_string(),
                 _ => {}
             }
         }
@@ -41,7 +46,7 @@ impl Params {
 fn mnt(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<(), AgentError> {
     std::fs::create_dir_all(target).map_err(|e| AgentError::io(Path::new(target), e))?;
     mount(Some(src), target, Some(fstype), flags, data)
-        .map_err(|e| AgentError::Invalid(format!("mount {fstype} on {target}: {e}")))
+        .map_err(|e| AgentError::Internal(format!("mount {fstype} on {target}: {e}")))
 }
 
 /// Moves the agent's root off the initramfs onto a fresh tmpfs.
@@ -105,6 +110,23 @@ pub fn mount_base() -> Result<(), AgentError> {
     Ok(())
 }
 
+/// The guest's pid space. tinyconfig's CONFIG_BASE_SMALL leaves `pid_max` at 4096, so
+/// pids were reused within minutes of exec probes; a host's kernel default is 32768, the
+/// most BASE_SMALL allows.
+pub const PID_MAX: u32 = 32768;
+
+/// Sets the guest's `pid_max` and hostname (best effort, logged).
+pub fn tune(params: &Params) {
+    if let Err(e) = std::fs::write("/proc/sys/kernel/pid_max", PID_MAX.to_string()) {
+        log::warn!("cannot set kernel.pid_max to {PID_MAX}: {e}");
+    }
+    if !params.hostname.is_empty() {
+        if let Err(e) = nix::unistd::sethostname(&params.hostname) {
+            log::warn!("cannot set the hostname to {}: {e}", params.hostname);
+        }
+    }
+}
+
 /// Mounts the sandbox's shared directory.
 pub fn mount_share(tag: &str) -> Result<(), AgentError> {
     mnt(tag, SHARED_MOUNT, "virtiofs", MsFlags::empty(), None)
@@ -136,5 +158,10 @@ mod tests {
         let p = Params::parse("vmbox.log=bogus");
         assert_eq!(p.log_level, log::LevelFilter::Info);
         assert_eq!(p.share, "");
+        assert_eq!(
+            Params::parse("vmbox.hostname=node-1.example").hostname,
+            "node-1.example"
+        );
+        assert_eq!(Params::parse("vmbox.hostname=bad/name").hostname, "");
     }
 }

@@ -14,10 +14,12 @@ mod container;
 mod engine;
 mod fdio;
 mod init;
+mod oom;
 mod reaper;
 mod service;
 mod shutdown;
 mod streams;
+mod workload;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -27,13 +29,22 @@ use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY, VMADDR_
 use vmbox_protocol::agent::Hello;
 use vmbox_protocol::{AGENT_PORT, PROTOCOL_VERSION};
 
-/// The agent's errors; each becomes a ttrpc status for the host.
+/// The agent's errors; each becomes the ttrpc status containerd acts on (the shim keeps
+/// the code): NotFound for a missing container or process, FailedPrecondition for a
+/// request the object's state does not allow, AlreadyExists for a taken id,
+/// InvalidArgument only for a malformed request, Internal for a failed system call.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("not found: {0}")]
     NotFound(String),
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Internal(String),
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -51,11 +62,13 @@ impl AgentError {
             source,
         }
     }
+    /// A failed system call: Internal, naming what failed.
     pub fn sys(what: &'static str) -> impl Fn(nix::errno::Errno) -> AgentError {
-        move |e| AgentError::Invalid(format!("{what}: {e}"))
+        move |e| AgentError::Internal(format!("{what}: {e}"))
     }
+    /// A failed I/O operation: Internal, naming what failed.
     pub fn sys_io(what: &'static str) -> impl Fn(std::io::Error) -> AgentError {
-        move |e| AgentError::Invalid(format!("{what}: {e}"))
+        move |e| AgentError::Internal(format!("{what}: {e}"))
     }
 }
 
@@ -64,6 +77,8 @@ impl From<AgentError> for ttrpc::Error {
         let code = match e {
             AgentError::NotFound(_) => ttrpc::Code::NOT_FOUND,
             AgentError::Invalid(_) => ttrpc::Code::INVALID_ARGUMENT,
+            AgentError::FailedPrecondition(_) => ttrpc::Code::FAILED_PRECONDITION,
+            AgentError::AlreadyExists(_) => ttrpc::Code::ALREADY_EXISTS,
             _ => ttrpc::Code::INTERNAL,
         };
         ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
@@ -103,6 +118,7 @@ fn main() {
     }
     let params = init::Params::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     log::set_max_level(params.log_level);
+    init::tune(&params);
     // The async runtime starts only now, after every single-threaded step.
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -135,12 +151,10 @@ async fn serve(params: init::Params) -> Result<(), String> {
         .listen()
         .map_err(|e| format!("stdio listener on vsock port {}: {e}", vmbox_protocol::STDIO_PORT))?;
     let containers = container::Containers::new(reaper, streams);
-    let (oom, _) = tokio::sync::broadcast::channel(64);
-    watch_oom(containers.clone(), oom.clone());
+    watch_oom(containers.clone());
     let service = service::Service {
         containers,
         kernel_release: init::kernel_release(),
-        oom,
     };
     let services = vmbox_protocol::agent_ttrpc::create_agent(Arc::new(service));
     let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, AGENT_PORT))
@@ -181,21 +195,15 @@ async fn say_hello(port: u32) -> Result<(), String> {
     Err(format!("cannot reach the host on vsock port {port}: {last}"))
 }
 
-/// Reports OOM kills: polls the containers' memory.events (cheap: a few small reads).
-fn watch_oom(containers: container::Containers, tx: tokio::sync::broadcast::Sender<String>) {
+/// Polls every container's OOM kill count (cheap: one small read each); exits and
+/// removals check too (oom.rs).
+fn watch_oom(containers: container::Containers) {
     tokio::spawn(async move {
-        let mut seen = std::collections::HashMap::<String, u64>::new();
         loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(oom::POLL).await;
             let ids: Vec<String> = containers.map.lock().await.keys().cloned().collect();
-            seen.retain(|id, _| ids.contains(id));
             for id in ids {
-                let kills = cgroup::oom_kills(&id);
-                let before = seen.insert(id.clone(), kills).unwrap_or(0);
-                if kills > before {
-                    log::warn!("container {id}: OOM kill");
-                    let _ = tx.send(id);
-                }
+                containers.oom.check(&id);
             }
         }
     });

@@ -14,7 +14,6 @@ use crate::{cgroup, shutdown, AgentError};
 pub struct Service {
     pub containers: Containers,
     pub kernel_release: String,
-    pub oom: tokio::sync::broadcast::Sender<String>,
 }
 
 type Res<T> = ttrpc::Result<T>;
@@ -174,19 +173,10 @@ impl Agent for Service {
     }
 
     async fn get_oom_event(&self, _: &TtrpcContext, _: Empty) -> Res<OomEvent> {
-        let mut rx = self.oom.subscribe();
-        loop {
-            match rx.recv().await {
-                Ok(id) => {
-                    return Ok(OomEvent {
-                        container_id: id,
-                        ..Default::default()
-                    })
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(e) => return reply("get_oom_event", Err(AgentError::Invalid(e.to_string()))),
-            }
-        }
+        Ok(OomEvent {
+            container_id: self.containers.oom.next().await,
+            ..Default::default()
+        })
     }
 
     async fn shutdown(&self, _: &TtrpcContext, r: ShutdownRequest) -> Res<ShutdownResponse> {

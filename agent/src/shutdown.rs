@@ -66,7 +66,7 @@ pub fn flush() -> Result<(), AgentError> {
             // Still busy (a process we could not kill): detach it, the data is synced.
             log::warn!("umount {SHARED_MOUNT}: {e}; detaching");
             nix::mount::umount2(SHARED_MOUNT, nix::mount::MntFlags::MNT_DETACH)
-                .map_err(|e| AgentError::Invalid(format!("umount {SHARED_MOUNT}: {e}")))
+                .map_err(|e| AgentError::Internal(format!("umount {SHARED_MOUNT}: {e}")))
         }
     }
 }

@@ -38,6 +38,9 @@ pub struct VmSpec {
     pub shared_dir: Option<PathBuf>,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// The guest's hostname (what a container without a hostname of its own sees);
+    /// `None` leaves the guest's unset. Must pass [`vmbox_protocol::valid_hostname`].
+    pub hostname: Option<String>,
 }
 
 /// Where a VM's boot went: host-side steps, then the guest itself.

@@ -207,6 +207,14 @@ impl QemuVm {
         if spec.shared_dir.is_some() {
             append.push_str(&format!(" vmbox.share={SHARE_TAG}"));
         }
+        match spec.hostname.as_deref() {
+            Some(h) if vmbox_protocol::valid_hostname(h) => append.push_str(&format!(" vmbox.hostname={h}")),
+            Some(h) => log::warn!(
+                "sandbox {}: hostname {h:?} is not a valid hostname; the guest gets none",
+                spec.id
+            ),
+            None => {}
+        }
         if !cfg.vm.kernel_params.is_empty() {
             append.push(' ');
             append.push_str(&cfg.vm.kernel_params);

@@ -149,6 +149,63 @@ fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
             .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
 }
 
+/// Filesystems the guest kernel makes from nothing, which a spec may mount as runc would.
+/// Anything else (a block device, NFS, a FUSE daemon) names something that exists on
+/// the host only.
+pub const GUEST_FILESYSTEMS: &[&str] = &[
+    "tmpfs",
+    "proc",
+    "sysfs",
+    "mqueue",
+    "devpts",
+    "cgroup",
+    "cgroup2",
+    "ramfs",
+    "devtmpfs",
+    "securityfs",
+    "debugfs",
+    "tracefs",
+    "bpf",
+    "hugetlbfs",
+    "configfs",
+    "pstore",
+    "fusectl",
+];
+
+/// Checks a non-bind mount and gives it the source runc would pass: the kernel ignores
+/// the source of these filesystems, and runc passes an empty one, which libcontainer
+/// refuses (`--mount type=tmpfs,dst=/data` failed with "failed to prepare rootfs").
+fn guest_filesystem(i: usize, m: &mut oci_spec::runtime::Mount) -> Result<(), OciError> {
+    let Some(typ) = m.typ().clone().filter(|t| !t.is_empty()) else {
+        return Err(OciError::Field {
+            field: format!("mounts[{i}].type"),
+            reason: format!(
+                "mount at {} has no type and is not a bind mount",
+                m.destination().display()
+            ),
+        });
+    };
+    if !GUEST_FILESYSTEMS.contains(&typ.as_str()) {
+        return Err(OciError::Field {
+            field: format!("mounts[{i}].type"),
+            reason: format!(
+                "{typ} mount at {} (source {}) cannot be made inside the VM: only bind mounts and \
+                 {} reach the guest",
+                m.destination().display(),
+                m.source()
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "none".into()),
+                GUEST_FILESYSTEMS.join(", ")
+            ),
+        });
+    }
+    if m.source().as_deref().is_none_or(|s| s.as_os_str().is_empty()) {
+        m.set_source(Some(PathBuf::from(&typ)));
+    }
+    Ok(())
+}
+
 /// Translates `spec` for container `id`, whose shared files live under `id/` in the share.
 pub fn to_guest(spec: &Spec, id: &str) -> Result<GuestSpec, OciError> {
     let mut spec = spec.clone();
@@ -170,6 +227,7 @@ pub fn to_guest(spec: &Spec, id: &str) -> Result<GuestSpec, OciError> {
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     for (i, m) in mounts.iter_mut().enumerate() {
         if !is_bind(m) {
+            guest_filesystem(i, m)?;
             continue;
         }
         let source = m.source().clone().ok_or_else(|| OciError::Field {
@@ -290,6 +348,47 @@ mod tests {
             data.source().as_deref(),
             Some(Path::new(&format!("{GUEST_SHARED_MOUNT}/{}", g.binds[0].share_rel)))
         );
+    }
+
+    fn with_mount(m: oci_spec::runtime::Mount) -> Spec {
+        let mut spec = Spec::default();
+        spec.set_mounts(Some(vec![m]));
+        spec
+    }
+
+    #[test]
+    fn guest_filesystems_without_a_source_get_one() {
+        let m = oci_spec::runtime::MountBuilder::default()
+            .destination("/data")
+            .typ("tmpfs")
+            .options(vec!["size=1m".to_string()])
+            .build()
+            .unwrap();
+        let g = to_guest(&with_mount(m), "c1").unwrap();
+        let m = &g.spec.mounts().as_ref().unwrap()[0];
+        assert_eq!(m.source().as_deref(), Some(Path::new("tmpfs")));
+        assert!(g.binds.is_empty());
+    }
+
+    #[test]
+    fn host_only_filesystems_and_typeless_mounts_are_named() {
+        let m = oci_spec::runtime::MountBuilder::default()
+            .destination("/disk")
+            .typ("ext4")
+            .source("/dev/sdb1")
+            .build()
+            .unwrap();
+        let e = to_guest(&with_mount(m), "c1").unwrap_err().to_string();
+        assert!(
+            e.contains("mounts[0].type") && e.contains("ext4") && e.contains("/disk"),
+            "{e}"
+        );
+        let m = oci_spec::runtime::MountBuilder::default()
+            .destination("/x")
+            .build()
+            .unwrap();
+        let e = to_guest(&with_mount(m), "c1").unwrap_err().to_string();
+        assert!(e.contains("mounts[0].type") && e.contains("/x"), "{e}");
     }
 
     #[test]

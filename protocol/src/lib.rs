@@ -68,3 +68,27 @@ where
     let socket = ttrpc::r#async::transport::Socket::new(stream);
     agent_ttrpc::AgentClient::new(ttrpc::r#async::Client::new(socket))
 }
+
+/// Whether `name` is a hostname both sides accept (`vmbox.hostname=` on the kernel
+/// command line): 1-64 bytes of letters, digits, `-` and `.` (RFC 1123 labels, the
+/// kernel's limit), so it can never break the command line or carry a path.
+pub fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['-', '.'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hostnames_are_checked() {
+        assert!(super::valid_hostname("vm"));
+        assert!(super::valid_hostname("node-1.example.com"));
+        for bad in ["", "-x", ".x", "a b", "a/b", "a=b", &"x".repeat(65)] {
+            assert!(!super::valid_hostname(bad), "{bad:?}");
+        }
+    }
+}

@@ -38,15 +38,21 @@ impl ShimError {
         move |source| ShimError::Io { what, source }
     }
 
-    /// Maps an agent reply, keeping the agent's own status code for not-found and
-    /// invalid-argument answers.
+    /// Maps an agent reply, keeping the agent's status code, which containerd acts on
+    /// (NotFound: already finished; FailedPrecondition: wrong state; AlreadyExists;
+    /// InvalidArgument: bad input); anything else is Internal.
     pub fn agent(e: ttrpc::Error) -> ShimError {
         match e {
-            ttrpc::Error::RpcStatus(s) if s.code() == ttrpc::Code::NOT_FOUND => ShimError::NotFound(s.message),
-            ttrpc::Error::RpcStatus(s) if s.code() == ttrpc::Code::INVALID_ARGUMENT => {
-                ShimError::Invalid(format!("guest agent: {}", s.message))
+            ttrpc::Error::RpcStatus(s) => {
+                let msg = format!("guest agent: {}", s.message);
+                match s.code() {
+                    ttrpc::Code::NOT_FOUND => ShimError::NotFound(msg),
+                    ttrpc::Code::INVALID_ARGUMENT => ShimError::Invalid(msg),
+                    ttrpc::Code::FAILED_PRECONDITION => ShimError::FailedPrecondition(msg),
+                    ttrpc::Code::ALREADY_EXISTS => ShimError::AlreadyExists(msg),
+                    _ => ShimError::Agent(s.message),
+                }
             }
-            ttrpc::Error::RpcStatus(s) => ShimError::Agent(s.message),
             other => ShimError::Agent(other.to_string()),
         }
     }
@@ -63,5 +69,33 @@ impl From<ShimError> for ttrpc::Error {
             _ => ttrpc::Code::INTERNAL,
         };
         ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_codes_reach_containerd_unchanged() {
+        for code in [
+            ttrpc::Code::NOT_FOUND,
+            ttrpc::Code::INVALID_ARGUMENT,
+            ttrpc::Code::FAILED_PRECONDITION,
+            ttrpc::Code::ALREADY_EXISTS,
+            ttrpc::Code::INTERNAL,
+        ] {
+            let from_agent = ttrpc::Error::RpcStatus(ttrpc::get_status(code, "x"));
+            let to_containerd: ttrpc::Error = ShimError::agent(from_agent).into();
+            match to_containerd {
+                ttrpc::Error::RpcStatus(s) => assert_eq!(s.code(), code),
+                other => panic!("{other:?}"),
+            }
+        }
+        let unknown = ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::DATA_LOSS, "x"));
+        match ttrpc::Error::from(ShimError::agent(unknown)) {
+            ttrpc::Error::RpcStatus(s) => assert_eq!(s.code(), ttrpc::Code::INTERNAL),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -1,14 +1,19 @@
 //! A process's stdio on the host: containerd's FIFOs (or `file://` / `binary://` log
 //! URIs) connected to the vsock streams the agent ties to the process.
 //!
-//! - stdin: FIFO -> stream. The FIFO is opened blocking-for-a-writer in a helper thread
-//!   (opening non-blocking would read EOF before the client connects); the copy ends at
-//!   the client's EOF, or on CloseIO (after draining what is buffered), or on shutdown.
+//! - stdin: FIFO -> stream. The FIFO is opened non-blocking and read through epoll, which
+//!   reports nothing until a writer has connected (Linux reports hang-up on a FIFO only
+//!   once a writer came and went), so no thread ever sits in a blocking open waiting for
+//!   a client that may never come (such threads once kept a shim alive for ever, as the
+//!   runtime's exit waits for blocking threads). The copy ends at the client's EOF, on
+//!   CloseIO (after draining what is buffered), or when aborted.
+//! - No open here can block: output FIFOs are opened read-write, `file://` logs with
+//!   O_NONBLOCK, a `binary://` logger's readiness is awaited asynchronously with a deadline.
 //! - stdout/stderr: stream -> sink until the agent closes the stream, which it does once
 //!   the process's pipe is drained; only then is the sink closed.
 
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -33,7 +38,6 @@ pub struct ProcessIo {
     stdin_close: Option<Arc<Notify>>,
     stdin_task: Option<JoinHandle<()>>,
     outputs: Vec<JoinHandle<()>>,
-    fifo_unblock: Option<PathBuf>,
 }
 
 /// The sink of an output stream.
@@ -57,13 +61,12 @@ impl ProcessIo {
             stdin_close: None,
             stdin_task: None,
             outputs: Vec::new(),
-            fifo_unblock: None,
         };
         if let Some(conn) = stdin {
             let close = Arc::new(Notify::new());
             io.stdin_close = Some(close.clone());
-            io.fifo_unblock = Some(PathBuf::from(&paths.stdin));
-            io.stdin_task = Some(tokio::spawn(copy_stdin(PathBuf::from(&paths.stdin), conn, close)));
+            let rx = open_fifo_reader(Path::new(&paths.stdin))?;
+            io.stdin_task = Some(tokio::spawn(copy_stdin(rx, conn, close)));
         }
         let mut logger = None;
         for (conn, uri) in [(stdout, &paths.stdout), (stderr, &paths.stderr)] {
@@ -76,9 +79,12 @@ impl ProcessIo {
                 let fd = l.ok_or_else(|| ShimError::Invalid(format!("log uri {uri}: no writer")))?;
                 Sink::Fifo(pipe::Sender::from_owned_fd(fd).map_err(ShimError::io("log pipe"))?)
             } else if let Some(path) = uri.strip_prefix("file://") {
+                // O_NONBLOCK: a FIFO named as a log file fails at once instead of
+                // blocking until a reader comes.
                 let f = tokio::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
+                    .custom_flags(libc::O_NONBLOCK)
                     .open(path)
                     .await
                     .map_err(ShimError::io(format!("open log file {path}")))?;
@@ -101,10 +107,6 @@ impl ProcessIo {
     pub fn close_stdin(&self) {
         if let Some(c) = &self.stdin_close {
             c.notify_one();
-        }
-        // A stdin FIFO nobody opened keeps the opener thread blocked: open it ourselves.
-        if let Some(p) = &self.fifo_unblock {
-            let _ = pipe::OpenOptions::new().open_sender(p);
         }
     }
 
@@ -130,18 +132,14 @@ impl Drop for ProcessIo {
     }
 }
 
-async fn copy_stdin(path: PathBuf, mut conn: Conn, close: Arc<Notify>) {
-    let p = path.clone();
-    let opened = tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().read(true).open(&p)).await;
-    let file = match opened {
-        Ok(Ok(f)) => f,
-        Ok(Err(e)) => return log::warn!("stdin fifo {}: {e}", path.display()),
-        Err(_) => return,
-    };
-    let mut rx = match pipe::Receiver::from_owned_fd(OwnedFd::from(file)) {
-        Ok(rx) => rx,
-        Err(e) => return log::warn!("stdin fifo {}: {e}", path.display()),
-    };
+/// Opens a stdin FIFO for reading without waiting for its writer (see the module doc).
+pub fn open_fifo_reader(path: &Path) -> Result<pipe::Receiver, ShimError> {
+    pipe::OpenOptions::new()
+        .open_receiver(path)
+        .map_err(ShimError::io(format!("open stdin fifo {}", path.display())))
+}
+
+async fn copy_stdin(mut rx: pipe::Receiver, mut conn: Conn, close: Arc<Notify>) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut closing = false;
     loop {
@@ -230,12 +228,10 @@ impl BinaryLogger {
             let _ = child.wait();
         });
         drop((out_r, err_r, ready_w));
-        let wait_ready = tokio::task::spawn_blocking(move || {
-            let mut f = std::fs::File::from(ready_r);
-            let mut b = [0u8; 1];
-            let _ = std::io::Read::read(&mut f, &mut b);
-        });
-        tokio::time::timeout(std::time::Duration::from_secs(10), wait_ready)
+        // Ready when it closes fd 5 (EOF) or writes to it; awaited without a thread.
+        let mut ready = pipe::Receiver::from_owned_fd(ready_r).map_err(ShimError::io("log binary ready pipe"))?;
+        let mut b = [0u8; 1];
+        tokio::time::timeout(std::time::Duration::from_secs(10), ready.read(&mut b))
             .await
             .map_err(|_| ShimError::Invalid(format!("log binary {path} did not get ready within 10 s")))?
             .map_err(|e| ShimError::Invalid(format!("log binary {path}: {e}")))?;
@@ -246,5 +242,60 @@ impl BinaryLogger {
 
     fn take_writer(&mut self) -> Option<OwnedFd> {
         self.writers.pop()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::time::Duration;
+
+    fn fifo(name: &str) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("vmbox-io-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        p
+    }
+
+    #[tokio::test]
+    async fn a_stdin_fifo_opens_at_once_and_waits_for_its_writer() {
+        let p = fifo("wait");
+        // Returns without a writer (a blocking open would hang here).
+        let mut rx = open_fifo_reader(&p).unwrap();
+        let mut buf = [0u8; 16];
+        // No writer yet: no data and no EOF.
+        let early = tokio::time::timeout(Duration::from_millis(200), rx.read(&mut buf)).await;
+        assert!(early.is_err(), "read returned {early:?} before any writer came");
+        let mut w = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        w.write_all(b"hi").unwrap();
+        drop(w);
+        let n = tokio::time::timeout(Duration::from_secs(5), rx.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], b"hi");
+        let n = tokio::time::timeout(Duration::from_secs(5), rx.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 0, "EOF once the writer left");
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_never_comes_leaves_no_thread_behind() {
+        // The shim's exit waits for blocking threads; a stdin copy must hold none.
+        let p = fifo("never");
+        let rx = open_fifo_reader(&p).unwrap();
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let close = Arc::new(Notify::new());
+        let task = tokio::spawn(copy_stdin(rx, Conn::Unix(a), close.clone()));
+        close.notify_one();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("CloseIO ends a stdin copy whose writer never came")
+            .unwrap();
+        std::fs::remove_file(&p).unwrap();
     }
 }

@@ -19,8 +19,25 @@ mod timing;
 
 const RUNTIME: &str = "io.containerd.vmbox.v2";
 
-#[tokio::main]
-async fn main() {
+/// Once the shim has been told to exit (Shutdown after its last container, or SIGTERM),
+/// the process is gone within this time, whatever its peers do: work still in flight
+/// (a request stuck on the guest, a copy loop) is abandoned.
+pub const EXIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn main() {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("containerd-shim-vmbox-v2: tokio runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    rt.block_on(serve());
+    // A runtime dropped normally waits for every blocking task without end.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+}
+
+async fn serve() {
     match std::env::args().nth(1).as_deref() {
         Some("--version" | "-version" | "-v" | "version") => {
             println!(

@@ -56,6 +56,8 @@ impl Sandbox {
                 shared_dir: Some(shared.clone()),
                 vcpus,
                 memory_mib,
+                // runc parity: a container whose spec sets no hostname keeps the host's.
+                hostname: nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()),
             };
             let vm = QemuVm::start(config, spec).await?;
             // QEMU's vCPUs released to the agent's hello: firmware, kernel and agent start.

@@ -221,6 +221,14 @@ impl Inner {
                     return;
                 };
                 let Some(this) = this.upgrade() else { return };
+                // The guest names the container: forward only ids this shim serves.
+                if !this.containers.lock().await.contains_key(&ev.container_id) {
+                    log::warn!(
+                        "guest reported an OOM kill in unknown container {:?}; ignored",
+                        ev.container_id.chars().take(128).collect::<String>()
+                    );
+                    continue;
+                }
                 let e = TaskOOM {
                     container_id: ev.container_id,
                     ..Default::default()

@@ -124,6 +124,7 @@ impl TestVm {
             shared_dir: Some(shared.clone()),
             vcpus: config.vm.vcpus,
             memory_mib: config.vm.memory_mib,
+            hostname: Some("vmbox-test-host".into()),
         };
         let vm = QemuVm::start(&config, spec).await.context("boot")?;
         let conn = vm.connect(vmbox_protocol::AGENT_PORT).await?;

@@ -180,6 +180,7 @@ async fn a_wrong_kernel_path_fails_clearly_and_leaves_nothing() {
         shared_dir: None,
         vcpus: 1,
         memory_mib: 128,
+        hostname: None,
     };
     let err = vmbox_hypervisor::qemu::QemuVm::start(&config, spec)
         .await
@@ -241,6 +242,7 @@ async fn an_agent_that_never_answers_times_out_with_the_console_and_leaves_nothi
         shared_dir: Some(config.state_dir.clone()),
         vcpus: 1,
         memory_mib: 128,
+        hostname: None,
     };
     let started = std::time::Instant::now();
     let err = vmbox_hypervisor::qemu::QemuVm::start(&config, spec)
