@@ -57,7 +57,7 @@ vm-test: guest
 # End-to-end through a private containerd 1.6 and ctr (started and stopped here).
 e2e-test: build guest
 	VMBOX_GUEST_DIR=$(abspath $(GUEST_OUT)) VMBOX_SHIM_DIR=$(abspath target/release) \
-	  cargo test -p vmbox-tests --test containerd --test lifecycle -- --test-threads=1; \
+	  cargo test -p vmbox-tests --test containerd --test lifecycle --test parity -- --test-threads=1; \
 	  rc=$$?; VMBOX_CTR_DIR=/run/vmbox-e2e tests/containerd/containerd.sh stop; exit $$rc
 
 test: deps lint unit-test vm-test e2e-test

@@ -196,6 +196,11 @@ impl Containers {
         let mut process: oci_spec::runtime::Process =
             serde_json::from_slice(process_json).map_err(|e| AgentError::Invalid(format!("process: {e}")))?;
         process.set_terminal(Some(stdio.terminal));
+        // runc does not create an exec's working directory, and libcontainer's error for a
+        // missing one names neither the path nor the errno: check it here, inside the
+        // container's root as its init sees it (its mounts included).
+        let init_pid = self.with(id, |c| Ok(c.init.pid)).await?;
+        check_exec_cwd(init_pid, process.cwd()).map_err(|e| AgentError::Invalid(format!("exec {exec_id}: {e}")))?;
         let file = Path::new(BUNDLES).join(id).join(format!("exec-{exec_id}.json"));
         std::fs::write(
             &file,
@@ -595,6 +600,33 @@ pub fn ensure_cwd(rootfs: &Path, cwd: &Path) -> Result<(), AgentError> {
         so_far = next;
     }
     Ok(())
+}
+
+/// Whether `cwd` is a directory inside the root of process `pid` (`/proc/<pid>/root`,
+/// the container's root with its mounts), resolved without leaving it.
+fn check_exec_cwd(pid: i32, cwd: &Path) -> Result<(), String> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    let proc_root = format!("/proc/{pid}/root");
+    let Ok(root) = std::fs::File::open(&proc_root) else {
+        // The init is gone: the exec fails in libcontainer with its own error.
+        return Ok(());
+    };
+    let rel = cwd.strip_prefix("/").unwrap_or(cwd);
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT);
+    match openat2(root.as_raw_fd(), rel, how) {
+        Ok(fd) => {
+            let _ = nix::unistd::close(fd);
+            Ok(())
+        }
+        Err(e) => Err(format!("process.cwd {}: {}", cwd.display(), std::io::Error::from(e))),
+    }
 }
 
 #[cfg(test)]

@@ -25,6 +25,25 @@ use oci_spec::runtime::Spec;
 pub struct Workload;
 
 impl Executor for Workload {
+    /// The spec's environment as it is, plus `HOME=/` when neither the spec nor the
+    /// user's passwd entry (which libcontainer looked up) gives one: runc's default.
+    fn setup_envs(
+        &self,
+        mut envs: std::collections::HashMap<String, String>,
+    ) -> Result<(), libcontainer::workload::ExecutorSetEnvsError> {
+        envs.entry("HOME".into()).or_insert_with(|| "/".into());
+        for (k, _) in std::env::vars_os() {
+            // SAFETY: the container's process is single-threaded here (libcontainer's
+            // init, between clone and execve).
+            unsafe { std::env::remove_var(k) };
+        }
+        for (k, v) in envs {
+            // SAFETY: as above.
+            unsafe { std::env::set_var(k, v) };
+        }
+        Ok(())
+    }
+
     fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
         let (args, env) = args_and_env(spec).map_err(ExecutorValidationError::ArgValidationError)?;
         lookup(&args[0], path_of(&env)).map_err(ExecutorValidationError::ArgValidationError)?;

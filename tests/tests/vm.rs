@@ -265,3 +265,197 @@ async fn an_agent_that_never_answers_times_out_with_the_console_and_leaves_nothi
     assert!(left.is_empty(), "processes left: {left:?}");
     std::fs::remove_dir_all(&config.state_dir).unwrap();
 }
+
+/// Creates container `id` from `spec` (JSON) with its stdout/stderr streams.
+async fn create_with_spec(t: &TestVm, id: &str, spec: &serde_json::Value) -> Streams {
+    let (out_id, stdout) = t.stream().await.unwrap();
+    let (err_id, stderr) = t.stream().await.unwrap();
+    let req = CreateContainerRequest {
+        container_id: id.into(),
+        oci_spec: serde_json::to_vec(spec).unwrap(),
+        rootfs: "rootfs".into(),
+        stdio: Some(Stdio {
+            stdout: out_id,
+            stderr: err_id,
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    t.agent.create_container(ctx(), &req).await.expect("CreateContainer");
+    Streams {
+        stdin: None,
+        stdout,
+        stderr,
+    }
+}
+
+/// Runs `args` as exec `exec_id` of container `id` to its end: (guest pid, status, stdout).
+async fn exec(t: &TestVm, id: &str, exec_id: &str, args: &[&str]) -> (u32, i32, String) {
+    exec_process(t, id, exec_id, &process(args, false)).await
+}
+
+/// Runs the OCI `process` as exec `exec_id` of container `id`: (guest pid, status, stdout).
+async fn exec_process(t: &TestVm, id: &str, exec_id: &str, process: &serde_json::Value) -> (u32, i32, String) {
+    let (out_id, mut out) = t.stream().await.unwrap();
+    let req = ExecProcessRequest {
+        container_id: id.into(),
+        exec_id: exec_id.into(),
+        process: serde_json::to_vec(process).unwrap(),
+        stdio: Some(Stdio {
+            stdout: out_id,
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    let pid = t.agent.exec_process(ctx(), &req).await.expect("ExecProcess").pid;
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(60), out.read_to_string(&mut text))
+        .await
+        .expect("exec output within 60 s")
+        .unwrap();
+    let status = t.wait(id, exec_id).await.unwrap().exit_status;
+    (pid, status, text)
+}
+
+/// The test spec, in the guest's own pid namespace with every capability and a writable
+/// /proc/sys, so a test can steer the guest's pid allocation (ns_last_pid).
+fn host_pid_spec(args: &[&str]) -> serde_json::Value {
+    let mut s: serde_json::Value = serde_json::from_slice(&spec(args, false)).unwrap();
+    s["process"] = privileged(args);
+    s["linux"]["namespaces"] = serde_json::json!([{ "type": "ipc" }, { "type": "uts" }, { "type": "mount" }]);
+    s["linux"]["readonlyPaths"] = serde_json::json!([]);
+    s
+}
+
+/// An OCI process with every capability.
+fn privileged(args: &[&str]) -> serde_json::Value {
+    let mut p = process(args, false);
+    let caps: Vec<String> = CAP_NAMES.iter().map(|c| format!("CAP_{c}")).collect();
+    p["capabilities"] = serde_json::json!({"bounding": caps, "effective": caps, "permitted": caps});
+    p
+}
+
+const CAP_NAMES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_statuses_survive_a_deterministic_pid_wrap() {
+    let t = TestVm::boot("pidwrap").await.unwrap();
+    let mut init = create_with_spec(&t, "w", &host_pid_spec(&["sleep", "600"])).await;
+    t.start("w").await.unwrap();
+    let (_, status, max) = exec(&t, "w", "max", &["cat", "/proc/sys/kernel/pid_max"]).await;
+    assert_eq!(
+        (status, max.trim()),
+        (0, "32768"),
+        "the guest's pid space is a host's default"
+    );
+
+    // Below pid 300 (the kernel's reserved range, never reused) nothing can be shown:
+    // go past it first.
+    let past = "while [ $(sh -c 'echo $$') -lt 300 ]; do :; done";
+    assert_eq!(exec(&t, "w", "past", &["sh", "-c", past]).await.1, 0);
+    // A region of pids whose exits the agent reaped and nobody claimed: every `true`
+    // below is orphaned by its subshell and reaped by the agent (PID 1).
+    let script = "echo $$; i=0; while [ $i -lt 150 ]; do (true &); i=$((i+1)); done; sh -c 'echo $$'; true";
+    let (_, status, region) = exec(&t, "w", "region", &["sh", "-c", script]).await;
+    assert_eq!(status, 0);
+    let bounds: Vec<u32> = region.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    let [first, last] = bounds[..] else {
+        panic!("region bounds: {region:?}")
+    };
+    // Wrap now: with pid_max just above the last pid handed out, the kernel allocates
+    // from the bottom of the pid space again (301), which runs into the region.
+    let wrap = "exec 2>&1; echo $(($$ + 1)) > /proc/sys/kernel/pid_max";
+    let (_, status, out) = exec_process(&t, "w", "wrap", &privileged(&["sh", "-c", wrap])).await;
+    assert_eq!(status, 0, "pid_max: {out}");
+
+    let (mut inside, mut wrong) = (0, Vec::new());
+    for n in 0..40 {
+        let (pid, status, _) = exec(&t, "w", &format!("x{n}"), &["sh", "-c", "sleep 0.3; exit 7"]).await;
+        if (first..=last).contains(&pid) {
+            inside += 1;
+        }
+        if status != 7 {
+            wrong.push((pid, status));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "execs given another process's exit status (pid, status): {wrong:?}"
+    );
+    assert!(
+        inside >= 20,
+        "only {inside} of 40 execs reused a pid of the region {first}..={last}"
+    );
+
+    // The spec's pids limit is enforced by the container's cgroup.
+    let script = "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do sleep 30 </dev/null >/dev/null 2>&1 & done; echo started";
+    let mut limited: serde_json::Value = serde_json::from_slice(&spec(&["sh", "-c", script], false)).unwrap();
+    limited["linux"]["resources"] = serde_json::json!({ "pids": { "limit": 6 } });
+    let mut s = create_with_spec(&t, "limited", &limited).await;
+    t.start("limited").await.unwrap();
+    let (out, err) = s.read_output().await.unwrap();
+    let err = String::from_utf8_lossy(&err);
+    assert!(
+        err.contains("can't fork"),
+        "forks beyond pids.limit must fail: {err} / {}",
+        String::from_utf8_lossy(&out)
+    );
+    t.wait("limited", "").await.unwrap();
+    t.remove("limited").await.unwrap();
+
+    let req = SignalProcessRequest {
+        container_id: "w".into(),
+        signal: 9,
+        all: true,
+        ..Default::default()
+    };
+    t.agent.signal_process(ctx(), &req).await.unwrap();
+    t.wait("w", "").await.unwrap();
+    init.read_output().await.unwrap();
+    t.remove("w").await.unwrap();
+    t.shutdown().await.unwrap();
+}
