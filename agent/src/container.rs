@@ -165,6 +165,7 @@ impl Containers {
             }
         };
         let prepared = finish_tty(prepared, &format!("{id} init")).await?;
+        self.oom.track(id);
         let init = Process::new(pid, since, self, id, prepared);
         log::info!("container {id} created, init pid {pid}");
         self.map.lock().await.insert(
@@ -199,7 +200,12 @@ impl Containers {
         // runc does not create an exec's working directory, and libcontainer's error for a
         // missing one names neither the path nor the errno: check it here, inside the
         // container's root as its init sees it (its mounts included).
-        let init_pid = self.with(id, |c| Ok(c.init.pid)).await?;
+        let (init_pid, init_exited) = self.with(id, |c| Ok((c.init.pid, c.init.exited().is_some()))).await?;
+        if init_exited {
+            return Err(AgentError::FailedPrecondition(format!(
+                "cannot exec in container {id}: it has stopped"
+            )));
+        }
         check_exec_cwd(init_pid, process.cwd()).map_err(|e| AgentError::Invalid(format!("exec {exec_id}: {e}")))?;
         let file = Path::new(BUNDLES).join(id).join(format!("exec-{exec_id}.json"));
         std::fs::write(
@@ -334,6 +340,11 @@ impl Containers {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     log::warn!("container {id}: remove {}: {e}", state.display());
                 }
+            }
+            // The cgroup can be removed once the kernel has let the killed processes go.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !cgroup::pids(id).unwrap_or_default().is_empty() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             if let Err(e) = cgroup::remove(id) {
                 log::warn!("container {id}: {e}");
@@ -535,7 +546,16 @@ fn prepare_spec(spec: &mut oci_spec::runtime::Spec, id: &str, rootfs: &Path, ter
         return Err(AgentError::Invalid("oci_spec: no process".into()));
     }
     if let Some(cwd) = spec.process().as_ref().map(|p| p.cwd().clone()) {
-        ensure_cwd(rootfs, &cwd)?;
+        let mounts = spec.mounts().clone().unwrap_or_default();
+        match cwd_base(&cwd, &mounts) {
+            CwdBase::Rootfs => ensure_cwd(rootfs, &cwd, &cwd)?,
+            // Below a bind mount (a Kubernetes workingDir in a volume): in its source,
+            // which is what the container sees there (runc creates it after mounting).
+            CwdBase::Bind { source, rest } => ensure_cwd(&source, &rest, &cwd)?,
+            // Below a filesystem made at mount time (tmpfs): nothing to create it in
+            // beforehand; libcontainer's chdir fails with an error naming it.
+            CwdBase::Fresh => {}
+        }
     }
     let mut linux = spec.linux().clone().unwrap_or_default();
     linux.set_cgroups_path(Some(cgroup::path(id)));
@@ -548,17 +568,49 @@ fn prepare_spec(spec: &mut oci_spec::runtime::Spec, id: &str, rootfs: &Path, ter
     Ok(())
 }
 
-/// Creates the process's working directory `cwd` in `rootfs` when it is missing, as runc
-/// does before the container starts (owned by root, mode 0755, whatever the process's
-/// user); libcontainer would fail on it. Every component is resolved inside `rootfs`
-/// (openat2 RESOLVE_IN_ROOT), so a symlink in the image cannot lead the agent out of it.
-/// A `cwd` below a mount of the spec is created in the rootfs underneath that mount,
-/// where the process cannot see it: chdir then fails with an error naming it.
-pub fn ensure_cwd(rootfs: &Path, cwd: &Path) -> Result<(), AgentError> {
+/// Where a container's working directory lives.
+#[derive(Debug, PartialEq, Eq)]
+enum CwdBase {
+    /// In the rootfs.
+    Rootfs,
+    /// Below a bind mount: `rest` inside the bind's guest `source`.
+    Bind { source: PathBuf, rest: PathBuf },
+    /// Below a mount the kernel makes at mount time (tmpfs and the like).
+    Fresh,
+}
+
+/// The innermost mount of the spec that `cwd` is at or below (component-wise), as the
+/// place to create it in.
+fn cwd_base(cwd: &Path, mounts: &[oci_spec::runtime::Mount]) -> CwdBase {
+    let inner = mounts
+        .iter()
+        .filter(|m| cwd.starts_with(m.destination()))
+        .max_by_key(|m| m.destination().components().count());
+    let Some(m) = inner else { return CwdBase::Rootfs };
+    let bind = m.typ().as_deref() == Some("bind")
+        || m.options()
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
+    match (bind, m.source()) {
+        // Only binds of the sandbox's share: the host put them there for this container.
+        (true, Some(source)) if source.starts_with(SHARED_MOUNT) && source.is_dir() => CwdBase::Bind {
+            source: source.clone(),
+            rest: cwd.strip_prefix(m.destination()).unwrap_or(Path::new("")).to_path_buf(),
+        },
+        (true, _) => CwdBase::Rootfs,
+        (false, _) => CwdBase::Fresh,
+    }
+}
+
+/// Creates the working directory `rel` (named `cwd` in errors) below `base` when it is
+/// missing, as runc does before the container starts (owned by root, mode 0755, whatever
+/// the process's user); libcontainer would fail on it. Every component is resolved inside
+/// `base` (openat2 RESOLVE_IN_ROOT), so a symlink in the image cannot lead the agent out.
+pub fn ensure_cwd(base: &Path, rel: &Path, cwd: &Path) -> Result<(), AgentError> {
     use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
     use std::os::fd::FromRawFd;
     let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-    let root = std::fs::File::open(rootfs).map_err(|e| AgentError::io(rootfs, e))?;
+    let root = std::fs::File::open(base).map_err(|e| AgentError::io(base, e))?;
     let open_in_root = |rel: &Path| -> nix::Result<OwnedFd> {
         let how = OpenHow::new().flags(flags).resolve(ResolveFlag::RESOLVE_IN_ROOT);
         let rel = if rel.as_os_str().is_empty() {
@@ -569,10 +621,16 @@ pub fn ensure_cwd(rootfs: &Path, cwd: &Path) -> Result<(), AgentError> {
         // SAFETY: openat2 returned a new descriptor that nothing else owns.
         openat2(root.as_raw_fd(), rel, how).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
     };
-    let fail =
-        |what: &str, e: nix::errno::Errno| AgentError::Internal(format!("process.cwd {}: {what}: {e}", cwd.display()));
+    // The spec asks for a directory where there cannot be one: the request's fault.
+    let fail = |what: &str, e: nix::errno::Errno| {
+        AgentError::Invalid(format!(
+            "process.cwd {}: {what}: {}",
+            cwd.display(),
+            std::io::Error::from(e)
+        ))
+    };
     let mut so_far = PathBuf::new();
-    for comp in cwd.components() {
+    for comp in rel.components() {
         let name = match comp {
             Component::Normal(n) => n,
             Component::ParentDir => {
@@ -591,7 +649,11 @@ pub fn ensure_cwd(rootfs: &Path, cwd: &Path) -> Result<(), AgentError> {
                     name,
                     nix::sys::stat::Mode::from_bits_truncate(0o755),
                 ) {
-                    Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                    Ok(()) => {}
+                    // Created meanwhile, or a dangling symlink: whichever, it must open now.
+                    Err(nix::errno::Errno::EEXIST) => {
+                        open_in_root(&next).map_err(|e| fail(&format!("open {}", next.display()), e))?;
+                    }
                     Err(e) => return Err(fail(&format!("create {}", next.display()), e)),
                 }
             }
@@ -640,26 +702,51 @@ mod tests {
         let outside = std::env::temp_dir().join(format!("vmbox-cwd-out-{}", std::process::id()));
         std::fs::create_dir_all(&root).unwrap();
         std::fs::create_dir_all(&outside).unwrap();
-        ensure_cwd(&root, Path::new("/a/b/c")).unwrap();
+        ensure_cwd(&root, Path::new("/a/b/c"), Path::new("/a/b/c")).unwrap();
         let m = std::fs::metadata(root.join("a/b/c")).unwrap();
         assert!(m.is_dir());
         assert_eq!(m.permissions().mode() & 0o777, 0o755);
-        ensure_cwd(&root, Path::new("/a/b/c")).unwrap();
+        ensure_cwd(&root, Path::new("/a/b/c"), Path::new("/a/b/c")).unwrap();
         // An absolute symlink in the image resolves inside the rootfs, not on the agent's
         // root: one pointing at a directory outside is dangling in there (an error).
         std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
-        assert!(ensure_cwd(&root, Path::new("/link/x")).is_err());
+        assert!(ensure_cwd(&root, Path::new("/link/x"), Path::new("/link/x")).is_err());
         assert!(!outside.join("x").exists(), "created outside the rootfs");
         std::fs::create_dir(root.join("real")).unwrap();
         std::os::unix::fs::symlink("/real", root.join("link2")).unwrap();
-        ensure_cwd(&root, Path::new("/link2/y")).unwrap();
+        ensure_cwd(&root, Path::new("/link2/y"), Path::new("/link2/y")).unwrap();
         assert!(root.join("real/y").is_dir());
         // A file in the way is an error naming the cwd.
         std::fs::write(root.join("file"), b"").unwrap();
-        let e = ensure_cwd(&root, Path::new("/file/x")).unwrap_err().to_string();
+        let e = ensure_cwd(&root, Path::new("/file/x"), Path::new("/file/x"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/file/x"), "{e}");
         std::fs::remove_dir_all(&root).unwrap();
         std::fs::remove_dir_all(&outside).unwrap();
+    }
+
+    #[test]
+    fn a_cwd_in_a_volume_is_created_in_the_volume() {
+        let m = |dst: &str, typ: &str, src: &str| {
+            oci_spec::runtime::MountBuilder::default()
+                .destination(dst)
+                .typ(typ)
+                .source(src)
+                .build()
+                .unwrap()
+        };
+        let mounts = vec![m("/data", "tmpfs", "tmpfs"), m("/d", "proc", "proc")];
+        assert_eq!(cwd_base(Path::new("/work/x"), &mounts), CwdBase::Rootfs);
+        assert_eq!(cwd_base(Path::new("/data/x"), &mounts), CwdBase::Fresh);
+        assert_eq!(
+            cwd_base(Path::new("/dat/x"), &mounts),
+            CwdBase::Rootfs,
+            "component-wise"
+        );
+        // A bind whose source is outside the share (not made by the host for us).
+        let mounts = vec![m("/data", "bind", "/etc")];
+        assert_eq!(cwd_base(Path::new("/data/x"), &mounts), CwdBase::Rootfs);
     }
 
     #[test]

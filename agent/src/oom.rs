@@ -39,15 +39,24 @@ impl OomEvents {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reads container `id`'s OOM kill count and queues an event if it grew.
+    /// Starts counting container `id`'s OOM kills (at create).
+    pub fn track(&self, id: &str) {
+        self.lock().seen.insert(id.to_string(), 0);
+    }
+
+    /// Reads container `id`'s OOM kill count and queues an event if it grew. Containers
+    /// not tracked (removed, or never created) are ignored.
     pub fn check(&self, id: &str) {
+        if !self.lock().seen.contains_key(id) {
+            return;
+        }
         self.record(id, cgroup::oom_kills(id));
     }
 
-    /// Queues an event for `id` if `kills` is more than was seen before.
+    /// Queues an event for tracked container `id` if `kills` is more than was seen before.
     fn record(&self, id: &str, kills: u64) {
         let mut s = self.lock();
-        let before = s.seen.get(id).copied().unwrap_or(0);
+        let Some(&before) = s.seen.get(id) else { return };
         if kills <= before {
             return;
         }
@@ -61,7 +70,7 @@ impl OomEvents {
         self.ready.notify_one();
     }
 
-    /// Forgets a removed container's count.
+    /// Stops tracking a removed container: later checks of `id` queue nothing.
     pub fn forget(&self, id: &str) {
         self.lock().seen.remove(id);
     }
@@ -85,6 +94,8 @@ mod tests {
     #[tokio::test]
     async fn events_wait_for_the_host_and_are_not_repeated() {
         let o = OomEvents::default();
+        o.track("a");
+        o.track("b");
         o.record("a", 1);
         o.record("b", 1);
         o.record("a", 1);
@@ -102,6 +113,7 @@ mod tests {
         let o2 = o.clone();
         let waiter = tokio::spawn(async move { o2.next().await });
         tokio::task::yield_now().await;
+        o.track("c");
         o.record("c", 1);
         let got = tokio::time::timeout(Duration::from_secs(5), waiter).await;
         assert_eq!(got.unwrap().unwrap(), "c");
@@ -111,8 +123,19 @@ mod tests {
     fn the_queue_is_bounded() {
         let o = OomEvents::default();
         for i in 0..MAX_QUEUED + 5 {
+            o.track(&format!("c{i}"));
             o.record(&format!("c{i}"), 1);
         }
         assert_eq!(o.lock().queue.len(), MAX_QUEUED);
+    }
+
+    #[tokio::test]
+    async fn removed_containers_queue_nothing() {
+        let o = OomEvents::default();
+        o.record("never-created", 3);
+        o.track("gone");
+        o.forget("gone");
+        o.record("gone", 1);
+        assert!(o.lock().queue.is_empty());
     }
 }

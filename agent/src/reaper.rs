@@ -161,11 +161,13 @@ impl Reaper {
         rx
     }
 
-    /// Reaps every child that has exited. The lock is held across waitpid (WNOHANG, never
-    /// blocks) so a watcher never sees a pid that is reaped but not yet dispatched.
+    /// Reaps every child that has exited. The lock is held across each waitpid (WNOHANG,
+    /// never blocks) and its dispatch, so a watcher never sees a pid that is reaped but not
+    /// yet dispatched; it is released between children, so a burst of exits cannot keep
+    /// watchers (on the runtime's worker threads) waiting.
     fn reap_all(&self) {
-        let mut t = self.lock();
         loop {
+            let mut t = self.lock();
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => dispatch(&mut t, pid.as_raw(), code, 0),
                 Ok(WaitStatus::Signaled(pid, sig, _)) => dispatch(&mut t, pid.as_raw(), 128 + sig as i32, sig as u32),

@@ -31,7 +31,19 @@ impl Executor for Workload {
         &self,
         mut envs: std::collections::HashMap<String, String>,
     ) -> Result<(), libcontainer::workload::ExecutorSetEnvsError> {
-        envs.entry("HOME".into()).or_insert_with(|| "/".into());
+        // set_var panics on these; runc refuses them too.
+        if let Some((k, v)) = envs
+            .iter()
+            .find(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
+        {
+            return Err(libcontainer::workload::ExecutorSetEnvsError::Other(format!(
+                "process.env: invalid environment variable {k:?}={v:?}"
+            )));
+        }
+        // An empty HOME counts as unset, as for runc.
+        if envs.get("HOME").is_none_or(|h| h.is_empty()) {
+            envs.insert("HOME".into(), "/".into());
+        }
         for (k, _) in std::env::vars_os() {
             // SAFETY: the container's process is single-threaded here (libcontainer's
             // init, between clone and execve).
@@ -112,6 +124,9 @@ fn executable(p: &Path) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("reset_signals passes x86_64's kernel sigaction layout: check it for this architecture");
 
 /// Every signal to its default disposition and an empty blocked mask. The raw system
 /// call, because glibc refuses to touch the signals it reserves (32 and 33), which were

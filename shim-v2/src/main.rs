@@ -19,9 +19,10 @@ mod timing;
 
 const RUNTIME: &str = "io.containerd.vmbox.v2";
 
-/// Once the shim has been told to exit (Shutdown after its last container, or SIGTERM),
-/// the process is gone within this time, whatever its peers do: work still in flight
-/// (a request stuck on the guest, a copy loop) is abandoned.
+/// Once the shim has signalled its own exit (Shutdown after its last container, or the end
+/// of the graceful SIGTERM path, which first stops the sandbox within its own timeouts),
+/// the process is gone within this time, whatever its peers do: work still in flight (a
+/// request stuck on the guest, a copy loop) is abandoned.
 pub const EXIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn main() {

@@ -51,12 +51,17 @@ pub struct Inner {
     exit: Arc<ExitSignal>,
     sandbox: Mutex<Option<Arc<Sandbox>>>,
     containers: Mutex<HashMap<String, Container>>,
+    /// The last [`RECENTLY_DELETED`] containers deleted: an OOM kill the guest found just
+    /// before removing one is still forwarded.
+    deleted: std::sync::Mutex<std::collections::VecDeque<String>>,
     /// Process starts in flight: beyond this they wait here instead of piling streams and
     /// requests onto a guest that handles a few at a time anyway.
     starts: tokio::sync::Semaphore,
 }
 
 const MAX_STARTS: usize = 8;
+/// How many deleted container ids are remembered for late OOM events.
+const RECENTLY_DELETED: usize = 64;
 
 impl TaskService {
     pub fn new(
@@ -72,6 +77,7 @@ impl TaskService {
             exit,
             sandbox: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
+            deleted: Default::default(),
             starts: tokio::sync::Semaphore::new(MAX_STARTS),
         };
         TaskService { inner: Arc::new(inner) }
@@ -221,8 +227,14 @@ impl Inner {
                     return;
                 };
                 let Some(this) = this.upgrade() else { return };
-                // The guest names the container: forward only ids this shim serves.
-                if !this.containers.lock().await.contains_key(&ev.container_id) {
+                // The guest names the container: forward only ids this shim serves or has
+                // just deleted (the agent checks for a kill right before removing one).
+                let recent = this
+                    .deleted
+                    .lock()
+                    .map(|d| d.contains(&ev.container_id))
+                    .unwrap_or(false);
+                if !recent && !this.containers.lock().await.contains_key(&ev.container_id) {
                     log::warn!(
                         "guest reported an OOM kill in unknown container {:?}; ignored",
                         ev.container_id.chars().take(128).collect::<String>()
@@ -607,6 +619,12 @@ impl Inner {
             log::warn!("remove {} in the guest: {e}", req.id);
         }
         let container = self.containers.lock().await.remove(&req.id);
+        if let Ok(mut d) = self.deleted.lock() {
+            d.push_back(req.id.clone());
+            while d.len() > RECENTLY_DELETED {
+                d.pop_front();
+            }
+        }
         sandbox_cleanup_container(&sandbox, &req.id).await;
         let exit = container
             .as_ref()

@@ -398,8 +398,11 @@ async fn exit_statuses_survive_a_deterministic_pid_wrap() {
     let past = "while [ $(sh -c 'echo $$') -lt 300 ]; do :; done";
     assert_eq!(exec(&t, "w", "past", &["sh", "-c", past]).await.1, 0);
     // A region of pids whose exits the agent reaped and nobody claimed: every `true`
-    // below is orphaned by its subshell and reaped by the agent (PID 1).
-    let script = "echo $$; i=0; while [ $i -lt 150 ]; do (true &); i=$((i+1)); done; sh -c 'echo $$'; true";
+    // below is orphaned by its subshell and reaped by the agent (PID 1). Subshells of one
+    // and of two `true`s alternate, so the unclaimed pids (3 of every 5) have both
+    // parities, whatever the number of pids each exec takes.
+    let script =
+        "echo $$; i=0; while [ $i -lt 60 ]; do (true &); (true & true &); i=$((i+1)); done; sh -c 'echo $$'; true";
     let (_, status, region) = exec(&t, "w", "region", &["sh", "-c", script]).await;
     assert_eq!(status, 0);
     let bounds: Vec<u32> = region.lines().filter_map(|l| l.trim().parse().ok()).collect();
@@ -457,5 +460,148 @@ async fn exit_statuses_survive_a_deterministic_pid_wrap() {
     t.wait("w", "").await.unwrap();
     init.read_output().await.unwrap();
     t.remove("w").await.unwrap();
+    t.shutdown().await.unwrap();
+}
+
+/// A spec running `args` with a memory limit of `mib` MiB.
+fn memory_limited(args: &[&str], mib: u64) -> serde_json::Value {
+    let mut s: serde_json::Value = serde_json::from_slice(&spec(args, false)).unwrap();
+    s["linux"]["resources"] = serde_json::json!({ "memory": { "limit": mib << 20 } });
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oom_kills_wait_for_the_host_to_ask() {
+    let t = TestVm::boot("oom").await.unwrap();
+    let eat = ["sh", "-c", "x=a; while :; do x=$x$x; done"];
+    // Two containers OOM-killed at about the same time, and removed at once, while no
+    // GetOomEvent is in flight (a shim between two requests): nothing may be lost.
+    let mut streams = Vec::new();
+    for id in ["oom1", "oom2"] {
+        streams.push(create_with_spec(&t, id, &memory_limited(&eat, 32)).await);
+    }
+    for id in ["oom1", "oom2"] {
+        t.start(id).await.unwrap();
+    }
+    for (id, s) in ["oom1", "oom2"].into_iter().zip(streams.iter_mut()) {
+        assert_eq!(t.wait(id, "").await.unwrap().exit_status, 137, "{id} OOM-killed");
+        s.read_output().await.unwrap();
+        t.remove(id).await.unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let ev = tokio::time::timeout(Duration::from_secs(10), t.agent.get_oom_event(ctx(), &Empty::new()))
+            .await
+            .expect("an OOM event within 10 s")
+            .unwrap();
+        got.push(ev.container_id);
+    }
+    got.sort();
+    assert_eq!(got, ["oom1", "oom2"]);
+    // Nothing more: one event per kill.
+    let more = tokio::time::timeout(Duration::from_secs(2), t.agent.get_oom_event(ctx(), &Empty::new())).await;
+    assert!(more.is_err(), "unexpected event {more:?}");
+    t.shutdown().await.unwrap();
+}
+
+fn code(e: &anyhow::Error) -> Option<ttrpc::Code> {
+    match e.downcast_ref::<ttrpc::Error>() {
+        Some(ttrpc::Error::RpcStatus(s)) => Some(s.code()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_container_without_its_cgroup_is_killed_and_removed_as_under_runc() {
+    let t = TestVm::boot("gonecg").await.unwrap();
+    let mut s = t.create("gone", &["true"], false).await.unwrap();
+    t.start("gone").await.unwrap();
+    t.wait("gone", "").await.unwrap();
+    s.read_output().await.unwrap();
+    // Another, privileged, container removes the stopped container's cgroup, as happens
+    // when its processes are gone and its cgroup was cleaned up first.
+    let mut admin = host_pid_spec(&["sleep", "600"]);
+    admin["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({ "destination": "/cg", "type": "cgroup2", "source": "cgroup2" }));
+    let mut a = create_with_spec(&t, "admin", &admin).await;
+    t.start("admin").await.unwrap();
+    let (_, status, out) = exec_process(
+        &t,
+        "admin",
+        "rm",
+        &privileged(&["sh", "-c", "exec 2>&1; rmdir /cg/vmbox/gone"]),
+    )
+    .await;
+    assert_eq!(status, 0, "rmdir: {out}");
+
+    // Kill of the finished init, and kill --all with no processes and no cgroup: NotFound
+    // ("process already finished"), never Internal or InvalidArgument.
+    for all in [false, true] {
+        let req = SignalProcessRequest {
+            container_id: "gone".into(),
+            signal: 9,
+            all,
+            ..Default::default()
+        };
+        let e = t
+            .agent
+            .signal_process(ctx(), &req)
+            .await
+            .map_err(anyhow::Error::from)
+            .unwrap_err();
+        assert_eq!(code(&e), Some(ttrpc::Code::NOT_FOUND), "kill all={all}: {e}");
+    }
+    // Unknown container: NotFound; a second create of a live id: AlreadyExists.
+    let req = SignalProcessRequest {
+        container_id: "nosuch".into(),
+        signal: 9,
+        ..Default::default()
+    };
+    let e = t
+        .agent
+        .signal_process(ctx(), &req)
+        .await
+        .map_err(anyhow::Error::from)
+        .unwrap_err();
+    assert_eq!(code(&e), Some(ttrpc::Code::NOT_FOUND), "{e}");
+    let e = t
+        .create("admin", &["true"], false)
+        .await
+        .err()
+        .expect("a duplicate create fails");
+    assert_eq!(code(&e), Some(ttrpc::Code::ALREADY_EXISTS), "{e:#}");
+    // Remove of the running container without force: FailedPrecondition.
+    let req = RemoveContainerRequest {
+        container_id: "admin".into(),
+        force: false,
+        ..Default::default()
+    };
+    let e = t
+        .agent
+        .remove_container(ctx(), &req)
+        .await
+        .map_err(anyhow::Error::from)
+        .unwrap_err();
+    assert_eq!(code(&e), Some(ttrpc::Code::FAILED_PRECONDITION), "{e}");
+
+    // Remove of the stopped container always succeeds, and leaves the id free.
+    t.remove("gone")
+        .await
+        .expect("remove of a stopped container without its cgroup");
+    let (status, out, _) = t.run("gone", &["echo", "again"]).await.unwrap();
+    assert_eq!((status, out.as_slice()), (0, &b"again\n"[..]));
+
+    let req = SignalProcessRequest {
+        container_id: "admin".into(),
+        signal: 9,
+        all: true,
+        ..Default::default()
+    };
+    t.agent.signal_process(ctx(), &req).await.unwrap();
+    t.wait("admin", "").await.unwrap();
+    a.read_output().await.unwrap();
+    t.remove("admin").await.unwrap();
     t.shutdown().await.unwrap();
 }
