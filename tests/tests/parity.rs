@@ -119,6 +119,25 @@ fn a_missing_working_directory_is_created_as_runc_creates_it() {
         &["sh", "-c", "pwd; stat -c '%u:%g %a' /no /no/such /no/such/dir"],
     );
     assert_eq!(out, "/no/such/dir\n0:0 755\n0:0 755\n0:0 755\n");
+    // In a volume (a Kubernetes workingDir in an emptyDir): created in the volume.
+    let mut outs = Vec::new();
+    for (runtime, id) in [(RUNC, "e2e-cwd-vol-runc"), (RUNTIME, "e2e-cwd-vol")] {
+        let vol = c.dir.join(format!("vol-{id}"));
+        let _ = std::fs::remove_dir_all(&vol);
+        std::fs::create_dir_all(&vol).unwrap();
+        let mount = format!("type=bind,src={},dst=/vol,options=rbind", vol.display());
+        let out = run(
+            c,
+            runtime,
+            id,
+            &["--mount", &mount, "--cwd", "/vol/a/b"],
+            &["sh", "-c", "pwd; stat -c '%u:%g %a' ."],
+        );
+        assert!(vol.join("a/b").is_dir(), "{runtime}: /vol/a/b not in the volume");
+        outs.push(out);
+    }
+    assert_eq!(outs[1], outs[0], "vmbox, then runc");
+    assert_eq!(outs[1].1, "/vol/a/b\n0:0 755\n");
     // runc does not create an exec's working directory either; the failure names the
     // directory and the errno instead of libcontainer's bare "failed to unix syscall".
     let id = "e2e-cwd-exec";
