@@ -216,6 +216,21 @@ impl TestVm {
         Ok(())
     }
 
+    /// SIGKILL to every process of container `id`; then waits for its init, drains its
+    /// output and removes it.
+    pub async fn kill_and_remove(&self, id: &str, streams: &mut Streams) -> Result<()> {
+        let req = SignalProcessRequest {
+            container_id: id.into(),
+            signal: 9,
+            all: true,
+            ..Default::default()
+        };
+        self.agent.signal_process(ctx(), &req).await.context("SignalProcess")?;
+        self.wait(id, "").await?;
+        streams.read_output().await?;
+        self.remove(id).await
+    }
+
     /// Runs `args` as container `id` to completion: (exit status, stdout, stderr).
     pub async fn run(&self, id: &str, args: &[&str]) -> Result<(i32, Vec<u8>, Vec<u8>)> {
         let mut s = self.create(id, args, false).await?;

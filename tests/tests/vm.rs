@@ -450,16 +450,7 @@ async fn exit_statuses_survive_a_deterministic_pid_wrap() {
     t.wait("limited", "").await.unwrap();
     t.remove("limited").await.unwrap();
 
-    let req = SignalProcessRequest {
-        container_id: "w".into(),
-        signal: 9,
-        all: true,
-        ..Default::default()
-    };
-    t.agent.signal_process(ctx(), &req).await.unwrap();
-    t.wait("w", "").await.unwrap();
-    init.read_output().await.unwrap();
-    t.remove("w").await.unwrap();
+    t.kill_and_remove("w", &mut init).await.unwrap();
     t.shutdown().await.unwrap();
 }
 
@@ -537,10 +528,11 @@ async fn a_stopped_container_without_its_cgroup_is_killed_and_removed_as_under_r
     assert_eq!(status, 0, "rmdir: {out}");
 
     // Kill of the finished init, and kill --all with no processes and no cgroup: NotFound
-    // ("process already finished"), never Internal or InvalidArgument.
-    for all in [false, true] {
+    // ("process already finished"), never Internal or InvalidArgument; an unknown
+    // container: NotFound.
+    for (id, all) in [("gone", false), ("gone", true), ("nosuch", false)] {
         let req = SignalProcessRequest {
-            container_id: "gone".into(),
+            container_id: id.into(),
             signal: 9,
             all,
             ..Default::default()
@@ -551,21 +543,9 @@ async fn a_stopped_container_without_its_cgroup_is_killed_and_removed_as_under_r
             .await
             .map_err(anyhow::Error::from)
             .unwrap_err();
-        assert_eq!(code(&e), Some(ttrpc::Code::NOT_FOUND), "kill all={all}: {e}");
+        assert_eq!(code(&e), Some(ttrpc::Code::NOT_FOUND), "kill {id} all={all}: {e}");
     }
-    // Unknown container: NotFound; a second create of a live id: AlreadyExists.
-    let req = SignalProcessRequest {
-        container_id: "nosuch".into(),
-        signal: 9,
-        ..Default::default()
-    };
-    let e = t
-        .agent
-        .signal_process(ctx(), &req)
-        .await
-        .map_err(anyhow::Error::from)
-        .unwrap_err();
-    assert_eq!(code(&e), Some(ttrpc::Code::NOT_FOUND), "{e}");
+    // A second create of a live id: AlreadyExists.
     let e = t
         .create("admin", &["true"], false)
         .await
@@ -593,15 +573,6 @@ async fn a_stopped_container_without_its_cgroup_is_killed_and_removed_as_under_r
     let (status, out, _) = t.run("gone", &["echo", "again"]).await.unwrap();
     assert_eq!((status, out.as_slice()), (0, &b"again\n"[..]));
 
-    let req = SignalProcessRequest {
-        container_id: "admin".into(),
-        signal: 9,
-        all: true,
-        ..Default::default()
-    };
-    t.agent.signal_process(ctx(), &req).await.unwrap();
-    t.wait("admin", "").await.unwrap();
-    a.read_output().await.unwrap();
-    t.remove("admin").await.unwrap();
+    t.kill_and_remove("admin", &mut a).await.unwrap();
     t.shutdown().await.unwrap();
 }
