@@ -524,3 +524,18 @@ async fn a_shim_whose_clients_vanished_before_opening_their_fifos_still_exits() 
     );
     let _ = std::fs::remove_dir_all(&fifos);
 }
+
+#[test]
+fn rlimits_capabilities_seccomp_masked_paths_and_a_large_environment_stay_as_under_runc() {
+    let c = containerd();
+    // 100 KB in one variable: the environment goes through vmbox's executor.
+    let big = format!("BIG={}", "x".repeat(100_000));
+    let script = "ulimit -n; ulimit -Hn; grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|Seccomp|NoNewPrivs):' /proc/self/status; \
+                  stat -c %F /proc/timer_list /proc/keys; ls -A /sys/firmware | wc -l; echo ${#BIG}";
+    let out = same_as_runc(c, "e2e-holdout", &["--seccomp", "--env", &big], &["sh", "-c", script]);
+    assert!(out.contains("Seccomp:\t2\n"), "seccomp filter on: {out}");
+    assert!(
+        out.ends_with("character special file\ncharacter special file\n0\n100000\n"),
+        "masked paths (/dev/null over files, an empty directory) and BIG intact: {out}"
+    );
+}
