@@ -138,6 +138,15 @@ impl Containers {
         let mut spec: oci_spec::runtime::Spec =
             serde_json::from_slice(spec_json).map_err(|e| AgentError::Invalid(format!("oci_spec: {e}")))?;
         prepare_spec(&mut spec, id, &rootfs, stdio.terminal)?;
+        if let Some(p) = spec.process() {
+            check_env(p.env().as_deref().unwrap_or_default())?;
+            let (cwd, mounts, root) = (
+                p.cwd().clone(),
+                spec.mounts().clone().unwrap_or_default(),
+                rootfs.clone(),
+            );
+            off_runtime("create the working directory", move || create_cwd(&root, &cwd, &mounts)).await?;
+        }
         let bundle = Path::new(BUNDLES).join(id);
         std::fs::create_dir_all(&bundle).map_err(|e| AgentError::io(&bundle, e))?;
         let config = bundle.join("config.json");
@@ -206,7 +215,12 @@ impl Containers {
                 "cannot exec in container {id}: it has stopped"
             )));
         }
-        check_exec_cwd(init_pid, process.cwd()).map_err(|e| AgentError::Invalid(format!("exec {exec_id}: {e}")))?;
+        check_env(process.env().as_deref().unwrap_or_default())?;
+        let (cwd, what) = (process.cwd().clone(), format!("exec {exec_id}"));
+        off_runtime("check the working directory", move || {
+            check_exec_cwd(init_pid, &cwd).map_err(|(m, e)| path_error(format!("{what}: {m}"), e))
+        })
+        .await?;
         let file = Path::new(BUNDLES).join(id).join(format!("exec-{exec_id}.json"));
         std::fs::write(
             &file,
@@ -545,18 +559,6 @@ fn prepare_spec(spec: &mut oci_spec::runtime::Spec, id: &str, rootfs: &Path, ter
     } else {
         return Err(AgentError::Invalid("oci_spec: no process".into()));
     }
-    if let Some(cwd) = spec.process().as_ref().map(|p| p.cwd().clone()) {
-        let mounts = spec.mounts().clone().unwrap_or_default();
-        match cwd_base(&cwd, &mounts) {
-            CwdBase::Rootfs => ensure_cwd(rootfs, &cwd, &cwd)?,
-            // Below a bind mount (a Kubernetes workingDir in a volume): in its source,
-            // which is what the container sees there (runc creates it after mounting).
-            CwdBase::Bind { source, rest } => ensure_cwd(&source, &rest, &cwd)?,
-            // Below a filesystem made at mount time (tmpfs): nothing to create it in
-            // beforehand; libcontainer's chdir fails with an error naming it.
-            CwdBase::Fresh => {}
-        }
-    }
     let mut linux = spec.linux().clone().unwrap_or_default();
     linux.set_cgroups_path(Some(cgroup::path(id)));
     if let Some(ns) = linux.namespaces_mut() {
@@ -566,6 +568,62 @@ fn prepare_spec(spec: &mut oci_spec::runtime::Spec, id: &str, rootfs: &Path, ter
     }
     spec.set_linux(Some(linux));
     Ok(())
+}
+
+/// Creates a container's working directory `cwd` where the container will see it.
+fn create_cwd(rootfs: &Path, cwd: &Path, mounts: &[oci_spec::runtime::Mount]) -> Result<(), AgentError> {
+    match cwd_base(cwd, mounts) {
+        CwdBase::Rootfs => ensure_cwd(rootfs, cwd, cwd),
+        // Below a bind mount (a Kubernetes workingDir in a volume): in its source, which
+        // is what the container sees there (runc creates it after mounting).
+        CwdBase::Bind { source, rest } => ensure_cwd(&source, &rest, cwd),
+        // Below a filesystem made at mount time (tmpfs): nothing to create it in
+        // beforehand; libcontainer's chdir fails with an error naming it.
+        CwdBase::Fresh => Ok(()),
+    }
+}
+
+/// How long a filesystem walk on the request path may take: a FUSE or virtio-fs server
+/// that stops answering must not hold one of the agent's two runtime threads.
+const FS_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Runs blocking filesystem work `f` on the blocking pool, bounded by [`FS_DEADLINE`].
+async fn off_runtime<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    match tokio::time::timeout(FS_DEADLINE, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(AgentError::Internal(format!("{what}: {e}"))),
+        Err(_) => Err(AgentError::Internal(format!(
+            "{what}: no answer within {FS_DEADLINE:?}"
+        ))),
+    }
+}
+
+/// Refuses `process.env` entries runc refuses (no `=`, an empty name, a NUL byte), naming
+/// the variable but never its value.
+fn check_env(env: &[String]) -> Result<(), AgentError> {
+    for (i, e) in env.iter().enumerate() {
+        let name = e.split('=').next().unwrap_or_default();
+        if !e.contains('=') || name.is_empty() || e.contains('\0') {
+            return Err(AgentError::Invalid(format!(
+                "process.env[{i}] ({:?}): expected NAME=VALUE without NUL bytes",
+                name.chars().take(64).collect::<String>()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether an errno from walking a spec's path is the spec's fault (InvalidArgument) or
+/// the system's (Internal).
+fn path_error(msg: String, e: nix::errno::Errno) -> AgentError {
+    use nix::errno::Errno::*;
+    match e {
+        ENOENT | ENOTDIR | ELOOP | EXDEV | ENAMETOOLONG | EEXIST => AgentError::Invalid(msg),
+        _ => AgentError::Internal(msg),
+    }
 }
 
 /// Where a container's working directory lives.
@@ -582,6 +640,10 @@ enum CwdBase {
 /// The innermost mount of the spec that `cwd` is at or below (component-wise), as the
 /// place to create it in.
 fn cwd_base(cwd: &Path, mounts: &[oci_spec::runtime::Mount]) -> CwdBase {
+    // Matching is by name: a `..` could point out of the mount it seems to be in.
+    if cwd.components().any(|c| c == Component::ParentDir) {
+        return CwdBase::Rootfs;
+    }
     let inner = mounts
         .iter()
         .filter(|m| cwd.starts_with(m.destination()))
@@ -621,13 +683,11 @@ pub fn ensure_cwd(base: &Path, rel: &Path, cwd: &Path) -> Result<(), AgentError>
         // SAFETY: openat2 returned a new descriptor that nothing else owns.
         openat2(root.as_raw_fd(), rel, how).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
     };
-    // The spec asks for a directory where there cannot be one: the request's fault.
     let fail = |what: &str, e: nix::errno::Errno| {
-        AgentError::Invalid(format!(
-            "process.cwd {}: {what}: {}",
-            cwd.display(),
-            std::io::Error::from(e)
-        ))
+        path_error(
+            format!("process.cwd {}: {what}: {}", cwd.display(), std::io::Error::from(e)),
+            e,
+        )
     };
     let mut so_far = PathBuf::new();
     for comp in rel.components() {
@@ -666,7 +726,7 @@ pub fn ensure_cwd(base: &Path, rel: &Path, cwd: &Path) -> Result<(), AgentError>
 
 /// Whether `cwd` is a directory inside the root of process `pid` (`/proc/<pid>/root`,
 /// the container's root with its mounts), resolved without leaving it.
-fn check_exec_cwd(pid: i32, cwd: &Path) -> Result<(), String> {
+fn check_exec_cwd(pid: i32, cwd: &Path) -> Result<(), (String, nix::errno::Errno)> {
     use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
     let proc_root = format!("/proc/{pid}/root");
     let Ok(root) = std::fs::File::open(&proc_root) else {
@@ -687,7 +747,7 @@ fn check_exec_cwd(pid: i32, cwd: &Path) -> Result<(), String> {
             let _ = nix::unistd::close(fd);
             Ok(())
         }
-        Err(e) => Err(format!("process.cwd {}: {}", cwd.display(), std::io::Error::from(e))),
+        Err(e) => Err((format!("process.cwd {}: {}", cwd.display(), std::io::Error::from(e)), e)),
     }
 }
 
@@ -738,6 +798,7 @@ mod tests {
         };
         let mounts = vec![m("/data", "tmpfs", "tmpfs"), m("/d", "proc", "proc")];
         assert_eq!(cwd_base(Path::new("/work/x"), &mounts), CwdBase::Rootfs);
+        assert_eq!(cwd_base(Path::new("/data/../etc"), &mounts), CwdBase::Rootfs, "`..`");
         assert_eq!(cwd_base(Path::new("/data/x"), &mounts), CwdBase::Fresh);
         assert_eq!(
             cwd_base(Path::new("/dat/x"), &mounts),
@@ -747,6 +808,16 @@ mod tests {
         // A bind whose source is outside the share (not made by the host for us).
         let mounts = vec![m("/data", "bind", "/etc")];
         assert_eq!(cwd_base(Path::new("/data/x"), &mounts), CwdBase::Rootfs);
+    }
+
+    #[test]
+    fn env_entries_runc_refuses_are_refused_by_name() {
+        assert!(check_env(&["A=1".into(), "B=".into(), "C=x=y".into()]).is_ok());
+        for bad in ["NOEQUALS", "=value", "A=x\0y"] {
+            let e = check_env(&["OK=1".into(), bad.into()]).unwrap_err().to_string();
+            assert!(e.contains("process.env[1]"), "{e}");
+            assert!(!e.contains("value") && !e.contains("x\0y"), "the value leaked: {e}");
+        }
     }
 
     #[test]

@@ -39,9 +39,11 @@ impl OomEvents {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts counting container `id`'s OOM kills (at create).
+    /// Starts counting container `id`'s OOM kills (at create), from what its cgroup shows
+    /// now (a cgroup left by an earlier container of that id keeps its count).
     pub fn track(&self, id: &str) {
-        self.lock().seen.insert(id.to_string(), 0);
+        let now = cgroup::oom_kills(id);
+        self.lock().seen.insert(id.to_string(), now);
     }
 
     /// Reads container `id`'s OOM kill count and queues an event if it grew. Containers

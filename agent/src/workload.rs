@@ -31,13 +31,16 @@ impl Executor for Workload {
         &self,
         mut envs: std::collections::HashMap<String, String>,
     ) -> Result<(), libcontainer::workload::ExecutorSetEnvsError> {
-        // set_var panics on these; runc refuses them too.
-        if let Some((k, v)) = envs
+        // set_var panics on these; runc refuses them too. The agent refuses them before
+        // libcontainer runs (container.rs, check_env); this is the last line. Never the
+        // value in a message: it may be a secret.
+        if let Some((k, _)) = envs
             .iter()
             .find(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
         {
             return Err(libcontainer::workload::ExecutorSetEnvsError::Other(format!(
-                "process.env: invalid environment variable {k:?}={v:?}"
+                "process.env: invalid environment variable {:?}",
+                k.chars().take(64).collect::<String>()
             )));
         }
         // An empty HOME counts as unset, as for runc.

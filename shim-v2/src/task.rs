@@ -229,12 +229,16 @@ impl Inner {
                 let Some(this) = this.upgrade() else { return };
                 // The guest names the container: forward only ids this shim serves or has
                 // just deleted (the agent checks for a kill right before removing one).
-                let recent = this
-                    .deleted
-                    .lock()
-                    .map(|d| d.contains(&ev.container_id))
-                    .unwrap_or(false);
-                if !recent && !this.containers.lock().await.contains_key(&ev.container_id) {
+                // Served first, then deleted: Delete records the id as deleted before it
+                // removes it, so a container being deleted is found in one or the other.
+                let served = this.containers.lock().await.contains_key(&ev.container_id);
+                let recent = || {
+                    this.deleted
+                        .lock()
+                        .map(|d| d.contains(&ev.container_id))
+                        .unwrap_or(false)
+                };
+                if !served && !recent() {
                     log::warn!(
                         "guest reported an OOM kill in unknown container {:?}; ignored",
                         ev.container_id.chars().take(128).collect::<String>()
@@ -618,13 +622,13 @@ impl Inner {
         if let Err(e) = timing::guest(sandbox.agent.remove_container(sandbox.ctx(), &r)).await {
             log::warn!("remove {} in the guest: {e}", req.id);
         }
-        let container = self.containers.lock().await.remove(&req.id);
         if let Ok(mut d) = self.deleted.lock() {
             d.push_back(req.id.clone());
             while d.len() > RECENTLY_DELETED {
                 d.pop_front();
             }
         }
+        let container = self.containers.lock().await.remove(&req.id);
         sandbox_cleanup_container(&sandbox, &req.id).await;
         let exit = container
             .as_ref()

@@ -495,12 +495,17 @@ async fn a_shim_whose_clients_vanished_before_opening_their_fifos_still_exits() 
     drop(task);
     // No thread of the shim sits in a FIFO open waiting for a writer (the kernel's
     // wait_for_partner): such threads kept shims alive for ever.
-    let blocked: Vec<String> = std::fs::read_dir(format!("/proc/{shim}/task"))
+    let wchans: Vec<String> = std::fs::read_dir(format!("/proc/{shim}/task"))
         .unwrap()
         .flatten()
         .filter_map(|t| std::fs::read_to_string(t.path().join("wchan")).ok())
-        .filter(|w| w.contains("wait_for_partner"))
         .collect();
+    // Where the kernel hides its symbols every wchan reads 0 and this check means nothing.
+    assert!(
+        wchans.iter().any(|w| w.chars().any(|c| c.is_ascii_alphabetic())),
+        "no kernel symbols in wchan: {wchans:?}"
+    );
+    let blocked: Vec<&String> = wchans.iter().filter(|w| w.contains("wait_for_partner")).collect();
     assert!(blocked.is_empty(), "shim threads blocked opening FIFOs: {blocked:?}");
     // containerd deletes the container and calls Shutdown: the shim must be gone soon.
     let c2 = c;
@@ -518,10 +523,9 @@ async fn a_shim_whose_clients_vanished_before_opening_their_fifos_still_exits() 
             })
             .unwrap_or(false)
     };
-    assert!(
-        !running(shim),
-        "shim {shim} still running after its container was removed"
-    );
+    wait_for("the shim to exit (not a zombie)", Duration::from_secs(5), || {
+        !running(shim)
+    });
     let _ = std::fs::remove_dir_all(&fifos);
 }
 

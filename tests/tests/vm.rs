@@ -503,7 +503,7 @@ fn code(e: &anyhow::Error) -> Option<ttrpc::Code> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopped_container_without_its_cgroup_is_killed_and_removed_as_under_runc() {
+async fn a_stopped_container_without_its_cgroup_answers_kill_as_runc_and_is_removed() {
     let t = TestVm::boot("gonecg").await.unwrap();
     let mut s = t.create("gone", &["true"], false).await.unwrap();
     t.start("gone").await.unwrap();
