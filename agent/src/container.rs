@@ -669,20 +669,8 @@ fn cwd_base(cwd: &Path, mounts: &[oci_spec::runtime::Mount]) -> CwdBase {
 /// the process's user); libcontainer would fail on it. Every component is resolved inside
 /// `base` (openat2 RESOLVE_IN_ROOT), so a symlink in the image cannot lead the agent out.
 pub fn ensure_cwd(base: &Path, rel: &Path, cwd: &Path) -> Result<(), AgentError> {
-    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
-    use std::os::fd::FromRawFd;
-    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
     let root = std::fs::File::open(base).map_err(|e| AgentError::io(base, e))?;
-    let open_in_root = |rel: &Path| -> nix::Result<OwnedFd> {
-        let how = OpenHow::new().flags(flags).resolve(ResolveFlag::RESOLVE_IN_ROOT);
-        let rel = if rel.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            rel
-        };
-        // SAFETY: openat2 returned a new descriptor that nothing else owns.
-        openat2(root.as_raw_fd(), rel, how).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-    };
+    let open_in_root = |rel: &Path| dir_in_root(&root, rel);
     let fail = |what: &str, e: nix::errno::Errno| {
         path_error(
             format!("process.cwd {}: {what}: {}", cwd.display(), std::io::Error::from(e)),
@@ -727,13 +715,22 @@ pub fn ensure_cwd(base: &Path, rel: &Path, cwd: &Path) -> Result<(), AgentError>
 /// Whether `cwd` is a directory inside the root of process `pid` (`/proc/<pid>/root`,
 /// the container's root with its mounts), resolved without leaving it.
 fn check_exec_cwd(pid: i32, cwd: &Path) -> Result<(), (String, nix::errno::Errno)> {
-    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
-    let proc_root = format!("/proc/{pid}/root");
-    let Ok(root) = std::fs::File::open(&proc_root) else {
+    let Ok(root) = std::fs::File::open(format!("/proc/{pid}/root")) else {
         // The init is gone: the exec fails in libcontainer with its own error.
         return Ok(());
     };
-    let rel = cwd.strip_prefix("/").unwrap_or(cwd);
+    match dir_in_root(&root, cwd) {
+        Ok(_) => Ok(()),
+        Err(e) => Err((format!("process.cwd {}: {}", cwd.display(), std::io::Error::from(e)), e)),
+    }
+}
+
+/// Opens directory `path` (absolute or relative) as an O_PATH descriptor, resolving every
+/// component, symlinks and `..` included, inside `root` (openat2 RESOLVE_IN_ROOT).
+fn dir_in_root(root: &std::fs::File, path: &Path) -> nix::Result<OwnedFd> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    use std::os::fd::FromRawFd;
+    let rel = path.strip_prefix("/").unwrap_or(path);
     let rel = if rel.as_os_str().is_empty() {
         Path::new(".")
     } else {
@@ -742,13 +739,8 @@ fn check_exec_cwd(pid: i32, cwd: &Path) -> Result<(), (String, nix::errno::Errno
     let how = OpenHow::new()
         .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
         .resolve(ResolveFlag::RESOLVE_IN_ROOT);
-    match openat2(root.as_raw_fd(), rel, how) {
-        Ok(fd) => {
-            let _ = nix::unistd::close(fd);
-            Ok(())
-        }
-        Err(e) => Err((format!("process.cwd {}: {}", cwd.display(), std::io::Error::from(e)), e)),
-    }
+    // SAFETY: openat2 returned a new descriptor that nothing else owns.
+    openat2(root.as_raw_fd(), rel, how).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 #[cfg(test)]
