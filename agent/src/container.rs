@@ -25,6 +25,8 @@ use crate::AgentError;
 pub const SHARED_MOUNT: &str = vmbox_protocol::GUEST_SHARED_MOUNT;
 const BUNDLES: &str = "/run/vmbox/bundles";
 const CONSOLES: &str = "/run/vmbox/console";
+/// Numbers console sockets (see `prepare_stdio`).
+static CONSOLE_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 /// How long a request waits for the stdio streams it names.
 const STREAM_WAIT: Duration = Duration::from_secs(10);
 
@@ -399,7 +401,10 @@ impl Containers {
         let what = |s: &str| format!("{id} {proc_name} {s}");
         if stdio.terminal {
             std::fs::create_dir_all(CONSOLES).map_err(|e| AgentError::io(Path::new(CONSOLES), e))?;
-            let path = Path::new(CONSOLES).join(format!("{id}-{proc_name}.sock"));
+            // Named by a counter, not by the ids: two 64-hex ids (Kubernetes) would pass
+            // sun_path's 107 bytes.
+            let n = CONSOLE_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = Path::new(CONSOLES).join(format!("c{n}.sock"));
             let _ = std::fs::remove_file(&path);
             let listener = tokio::net::UnixListener::bind(&path).map_err(|e| AgentError::io(&path, e))?;
             let p = path.clone();
@@ -523,18 +528,11 @@ async fn receive_pty_master(listener: &tokio::net::UnixListener) -> Result<Owned
     }
 }
 
-/// Ids become path components: keep them to a safe alphabet.
-pub fn check_id(field: &str, id: &str) -> Result<(), AgentError> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-        && !id.starts_with('.');
-    if !ok {
-        return Err(AgentError::Invalid(format!(
-            "{field} {id:?}: expected 1-128 of [A-Za-z0-9_.-], not starting with '.'"
-        )));
-    }
-    Ok(())
+/// Ids become path components: the protocol's one rule ([`vmbox_protocol::id`]).
+pub fn check_id(field: &'static str, id: &str) -> Result<(), AgentError> {
+    vmbox_protocol::Id::parse(field, id)
+        .map(|_| ())
+        .map_err(|e| AgentError::Invalid(e.to_string()))
 }
 
 /// Resolves a path relative to the shared mount, refusing anything that could leave it.

@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// Default location of the configuration file.
+pub mod layout;
+pub use layout::{SandboxPaths, MAX_RUN_DIR_LEN, MAX_STATE_DIR_LEN};
+
 pub const DEFAULT_PATH: &str = "/etc/vmbox/config.toml";
 /// Environment variable that overrides [`DEFAULT_PATH`].
 pub const ENV_VAR: &str = "VMBOX_CONFIG";

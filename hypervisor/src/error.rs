@@ -24,7 +24,7 @@ pub enum HypervisorError {
     #[error("{name} exited during start ({status}); its log:\n{log}")]
     EarlyExit {
         name: &'static str,
-        status: String,
+        status: crate::ProcessExit,
         log: String,
     },
     #[error("{what} did not appear within {timeout_ms} ms")]

@@ -25,14 +25,17 @@ pub use error::HypervisorError;
 use vmbox_protocol::agent::Hello;
 
 pub use accel::Accel;
+pub use process::ProcessExit;
 pub use vsock::Conn;
 
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
-    /// The sandbox id: names the VM in `ps` (QEMU's `-name vmbox-<id>`).
-    pub id: String,
-    /// Created by the backend and removed by `stop`.
+    /// Names the VM in logs and `ps` (QEMU's `-name vmbox-<name>`): 1-256 of
+    /// `[A-Za-z0-9_.-]` (for example `<namespace>-<sandbox id>`); checked by the backend.
+    pub name: String,
+    /// Created by the backend and removed by `stop`. Sockets are created in it, so it must be
+    /// short: a path of at most [`MAX_RUN_DIR_LEN`] bytes.
     pub run_dir: PathBuf,
     /// Host directory shared into the guest over virtio-fs.
     pub shared_dir: Option<PathBuf>,
@@ -42,6 +45,11 @@ pub struct VmSpec {
     /// `None` leaves the guest's unset. Must pass [`vmbox_protocol::valid_hostname`].
     pub hostname: Option<String>,
 }
+
+pub use vmbox_config::MAX_RUN_DIR_LEN;
+
+/// How the VMM process ended.
+pub type VmExit = ProcessExit;
 
 /// Where a VM's boot went: host-side steps, then the guest itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -54,31 +62,40 @@ pub struct BootTimes {
     pub guest: Duration,
 }
 
+/// A VM backend.
 #[async_trait]
 pub trait Hypervisor: Send + Sync {
-    /// Boots a VM and waits for its agent's hello (bounded by `timeouts.boot_ms`).
+    /// Boots a VM and waits for its agent's hello (bounded by `timeouts.boot_ms`). On
+    /// failure nothing of it is left (processes, run directory).
     async fn start(&self, spec: VmSpec) -> Result<Box<dyn Vm>, HypervisorError>;
+    /// Stops whatever a VM whose owner died (or whose start was abandoned) left in
+    /// `run_dir`, and removes the directory. Blocking; call it off the async workers.
+    fn cleanup(&self, run_dir: &Path) -> Result<(), HypervisorError>;
 }
 
+/// A running VM.
 #[async_trait]
 pub trait Vm: Send + Sync {
-    fn id(&self) -> &str;
+    /// [`VmSpec::name`].
+    fn name(&self) -> &str;
     /// What the agent said when it came up.
     fn hello(&self) -> &Hello;
     fn boot_times(&self) -> BootTimes;
     fn accel(&self) -> Accel;
-    fn run_dir(&self) -> &Path;
-    /// Opens a stream to a guest vsock port.
+    /// Opens a stream to a guest vsock port (bounded by `timeouts.rpc_ms`).
     async fn connect(&self, port: u32) -> Result<Conn, HypervisorError>;
     /// Freezes / thaws the whole VM (vCPUs).
     async fn pause(&self) -> Result<(), HypervisorError>;
     async fn resume(&self) -> Result<(), HypervisorError>;
-    /// The VMM's exit status, once it exited.
-    fn exited(&self) -> Option<String>;
+    /// The VMM's exit, once it exited.
+    fn exited(&self) -> Option<VmExit>;
     /// Waits up to `timeout` for the VMM to exit (after the agent powered the guest off).
-    async fn wait_exit(&self, timeout: Duration) -> Option<String>;
+    async fn wait_exit(&self, timeout: Duration) -> Option<VmExit>;
+    /// Waits for the VMM to exit, however long that takes (a watcher's wait).
+    async fn wait(&self) -> VmExit;
     /// Live host processes of this VM (VMM and daemons).
     fn pids(&self) -> Vec<u32>;
+    /// The last `lines` lines of the guest console (kept in a bounded buffer).
     fn console_tail(&self, lines: usize) -> String;
     /// Stops the VMM (QMP quit, then SIGKILL) and the daemons, removes the run directory.
     /// Idempotent. Graceful shutdown is the agent's `Shutdown` before this.

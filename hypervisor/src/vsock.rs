@@ -80,30 +80,48 @@ impl Dialer {
 
 /// Where the guest's hello arrives.
 pub enum HelloListener {
-    Unix(UnixListener, PathBuf),
-    Vsock(VsockListener),
+    Unix(UnixListener, PathBuf, u32),
+    Vsock(VsockListener, u32),
 }
 
+/// "Any port" for AF_VSOCK's bind.
+const VMADDR_PORT_ANY: u32 = u32::MAX;
+
 impl HelloListener {
-    /// Listens for guest connections to host port `port`.
-    pub fn bind(dialer: &Dialer, port: u32) -> Result<HelloListener, HypervisorError> {
+    /// Listens for guest connections to host port `port`; `None` lets the kernel pick a
+    /// free one (AF_VSOCK ports are host-wide, shared by every VM).
+    pub fn bind(dialer: &Dialer, port: Option<u32>) -> Result<HelloListener, HypervisorError> {
         match dialer {
             Dialer::Hybrid { uds } => {
+                let port = port.unwrap_or(vmbox_protocol::HELLO_PORT);
                 let path = PathBuf::from(format!("{}_{port}", uds.display()));
                 let l = UnixListener::bind(&path).map_err(HypervisorError::io("listen on", &path))?;
-                Ok(HelloListener::Unix(l, path))
+                Ok(HelloListener::Unix(l, path, port))
             }
-            Dialer::Kernel { .. } => VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, port))
-                .map(HelloListener::Vsock)
-                .map_err(HypervisorError::io("listen on vsock port", format!("{port}"))),
+            Dialer::Kernel { .. } => {
+                let l = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, port.unwrap_or(VMADDR_PORT_ANY)))
+                    .map_err(HypervisorError::io("listen on vsock port", format!("{port:?}")))?;
+                let port = l
+                    .local_addr()
+                    .map_err(HypervisorError::io("read the address of vsock listener", "hello"))?
+                    .port();
+                Ok(HelloListener::Vsock(l, port))
+            }
+        }
+    }
+
+    /// The host port the guest must dial.
+    pub fn port(&self) -> u32 {
+        match self {
+            HelloListener::Unix(_, _, p) | HelloListener::Vsock(_, p) => *p,
         }
     }
 
     /// Accepts the guest's connection (from `cid` only, for AF_VSOCK).
     pub async fn accept(&self, cid: Option<u32>) -> io::Result<Conn> {
         match self {
-            HelloListener::Unix(l, _) => Ok(Conn::Unix(l.accept().await?.0)),
-            HelloListener::Vsock(l) => loop {
+            HelloListener::Unix(l, _, _) => Ok(Conn::Unix(l.accept().await?.0)),
+            HelloListener::Vsock(l, _) => loop {
                 let (s, addr) = l.accept().await?;
                 if cid.is_none_or(|c| c == addr.cid()) {
                     return Ok(Conn::Vsock(s));
@@ -115,15 +133,15 @@ impl HelloListener {
 
     pub fn path(&self) -> Option<&Path> {
         match self {
-            HelloListener::Unix(_, p) => Some(p),
-            HelloListener::Vsock(_) => None,
+            HelloListener::Unix(_, p, _) => Some(p),
+            HelloListener::Vsock(..) => None,
         }
     }
 }
 
 impl Drop for HelloListener {
     fn drop(&mut self) {
-        if let HelloListener::Unix(_, p) = self {
+        if let HelloListener::Unix(_, p, _) = self {
             let _ = std::fs::remove_file(p);
         }
     }

@@ -118,13 +118,8 @@ impl Annotations {
     }
 }
 
-/// Ids become file names and QEMU options: a small alphabet only.
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && !id.starts_with('.')
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-}
+/// Ids become file names and QEMU options: the protocol's one rule.
+pub use vmbox_protocol::valid_id;
 
 /// A host path the guest needs: bind-mount `source` at `share_rel` in the shared directory.
 #[derive(Debug, Clone, PartialEq, Eq)]

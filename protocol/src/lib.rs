@@ -4,6 +4,7 @@
 //!   generated at build time from `protos/agent.proto`.
 //! - [`hello`]: the one length-prefixed message the agent sends when it is ready.
 //! - [`stream`]: the header that names a stdio stream when the host opens it.
+//! - [`id`]: the one rule for container, exec and sandbox ids, checked on both sides.
 //!
 //! Both sides treat the other as a peer that may misbehave: every frame read here has a
 //! size bound, so a broken guest cannot make the host allocate without limit.
@@ -18,7 +19,10 @@ pub mod agent_ttrpc {
 }
 
 pub mod hello;
+pub mod id;
 pub mod stream;
+
+pub use id::{valid_id, Id, IdError};
 
 /// Where the guest mounts the sandbox's shared directory (virtio-fs). Paths in requests
 /// that refer to shared files are below it.

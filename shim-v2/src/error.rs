@@ -1,5 +1,8 @@
 //! The shim's errors and their mapping onto ttrpc status codes containerd understands.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use containerd_shim::protos::ttrpc;
 
 #[derive(Debug, thiserror::Error)]
@@ -21,9 +24,25 @@ pub enum ShimError {
     Oci(#[from] vmbox_oci::OciError),
     #[error(transparent)]
     Hypervisor(#[from] vmbox_hypervisor::HypervisorError),
+    /// An id that breaks [`vmbox_protocol::id`]'s rule (InvalidArgument).
+    #[error(transparent)]
+    Id(#[from] vmbox_protocol::IdError),
     /// The agent answered with an error, or could not be reached.
     #[error("guest agent: {0}")]
     Agent(String),
+    /// A step that did not finish in time (Internal: the peer, not the request, failed).
+    #[error("{what} did not finish within {after:?}")]
+    Timeout { what: String, after: Duration },
+    /// The sandbox's VMM exited (Internal).
+    #[error("the sandbox's VM exited ({0})")]
+    VmExited(vmbox_hypervisor::VmExit),
+    /// A failure shared by several requests (a sandbox boot several creates waited for);
+    /// its code is the inner error's.
+    #[error("{0}")]
+    Shared(Arc<ShimError>),
+    /// A failure of the shim itself (a task that panicked, a closed channel).
+    #[error("{0}")]
+    Internal(String),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -58,17 +77,27 @@ impl ShimError {
     }
 }
 
-impl From<ShimError> for ttrpc::Error {
-    fn from(e: ShimError) -> ttrpc::Error {
-        let code = match &e {
-            ShimError::Invalid(_) | ShimError::Oci(_) | ShimError::Config(_) => ttrpc::Code::INVALID_ARGUMENT,
+impl ShimError {
+    /// The ttrpc code containerd gets for this error.
+    pub fn code(&self) -> ttrpc::Code {
+        match self {
+            ShimError::Invalid(_) | ShimError::Oci(_) | ShimError::Config(_) | ShimError::Id(_) => {
+                ttrpc::Code::INVALID_ARGUMENT
+            }
             ShimError::NotFound(_) => ttrpc::Code::NOT_FOUND,
             ShimError::AlreadyExists(_) => ttrpc::Code::ALREADY_EXISTS,
             ShimError::FailedPrecondition(_) => ttrpc::Code::FAILED_PRECONDITION,
             ShimError::Unimplemented(_) => ttrpc::Code::UNIMPLEMENTED,
+            ShimError::Shared(inner) => inner.code(),
+            ShimError::Hypervisor(vmbox_hypervisor::HypervisorError::Spec(_)) => ttrpc::Code::INVALID_ARGUMENT,
             _ => ttrpc::Code::INTERNAL,
-        };
-        ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+        }
+    }
+}
+
+impl From<ShimError> for ttrpc::Error {
+    fn from(e: ShimError) -> ttrpc::Error {
+        ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), e.to_string()))
     }
 }
 

@@ -25,7 +25,7 @@ use vmbox_hypervisor::Conn;
 use crate::error::ShimError;
 
 /// Where containerd wants a process's stdio.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StdioPaths {
     pub stdin: String,
     pub stdout: String,
@@ -46,37 +46,35 @@ enum Sink {
     File(tokio::fs::File),
 }
 
-impl ProcessIo {
-    /// Starts the loops. `stdin`/`stdout`/`stderr` are the streams opened for the paths
-    /// that are set (stderr unused with a terminal).
-    pub async fn start(
-        paths: &StdioPaths,
-        stdin: Option<Conn>,
-        stdout: Option<Conn>,
-        stderr: Option<Conn>,
-        container_id: &str,
-        namespace: &str,
-    ) -> Result<ProcessIo, ShimError> {
-        let mut io = ProcessIo {
-            stdin_close: None,
-            stdin_task: None,
-            outputs: Vec::new(),
+/// The host's ends of a process's stdio, opened before the guest is asked for anything
+/// (a log URI in a missing directory fails the request before the guest creates a thing).
+pub struct HostStdio {
+    stdin: Option<pipe::Receiver>,
+    stdout: Option<(Sink, String)>,
+    stderr: Option<(Sink, String)>,
+}
+
+impl HostStdio {
+    /// Opens what `paths` names: the stdin FIFO, and the stdout/stderr sinks (stderr is
+    /// unused with a terminal).
+    pub async fn open(paths: &StdioPaths, container_id: &str, namespace: &str) -> Result<HostStdio, ShimError> {
+        let stdin = match paths.stdin.is_empty() {
+            true => None,
+            false => Some(open_fifo_reader(Path::new(&paths.stdin))?),
         };
-        if let Some(conn) = stdin {
-            let close = Arc::new(Notify::new());
-            io.stdin_close = Some(close.clone());
-            let rx = open_fifo_reader(Path::new(&paths.stdin))?;
-            io.stdin_task = Some(tokio::spawn(copy_stdin(rx, conn, close)));
-        }
-        let mut logger = None;
-        for (conn, uri) in [(stdout, &paths.stdout), (stderr, &paths.stderr)] {
-            let Some(conn) = conn else { continue };
+        let mut logger: Option<BinaryLogger> = None;
+        let mut sinks = [None, None];
+        let wanted = [(&paths.stdout, true), (&paths.stderr, !paths.terminal)];
+        for (i, (uri, want)) in wanted.into_iter().enumerate() {
+            if uri.is_empty() || !want {
+                continue;
+            }
             let sink = if let Some(rest) = uri.strip_prefix("binary://") {
                 if logger.is_none() {
                     logger = Some(BinaryLogger::spawn(rest, container_id, namespace).await?);
                 }
-                let l = logger.as_mut().map(|l| l.take_writer()).unwrap_or(None);
-                let fd = l.ok_or_else(|| ShimError::Invalid(format!("log uri {uri}: no writer")))?;
+                let fd = logger.as_mut().and_then(|l| l.take_writer(i));
+                let fd = fd.ok_or_else(|| ShimError::Invalid(format!("log uri {uri}: no writer")))?;
                 Sink::Fifo(pipe::Sender::from_owned_fd(fd).map_err(ShimError::io("log pipe"))?)
             } else if let Some(path) = uri.strip_prefix("file://") {
                 // O_NONBLOCK: a FIFO named as a log file fails at once instead of
@@ -98,11 +96,35 @@ impl ProcessIo {
                     .map_err(ShimError::io(format!("open stdio fifo {uri}")))?;
                 Sink::Fifo(s)
             };
-            io.outputs.push(tokio::spawn(copy_output(conn, sink, uri.clone())));
+            sinks[i] = Some((sink, uri.clone()));
         }
-        Ok(io)
+        let [stdout, stderr] = sinks;
+        Ok(HostStdio { stdin, stdout, stderr })
     }
 
+    /// Starts the copy loops between the host's ends and the process's streams (`None`
+    /// where no stream was opened).
+    pub fn connect(self, stdin: Option<Conn>, stdout: Option<Conn>, stderr: Option<Conn>) -> ProcessIo {
+        let mut io = ProcessIo {
+            stdin_close: None,
+            stdin_task: None,
+            outputs: Vec::new(),
+        };
+        if let (Some(rx), Some(conn)) = (self.stdin, stdin) {
+            let close = Arc::new(Notify::new());
+            io.stdin_close = Some(close.clone());
+            io.stdin_task = Some(tokio::spawn(copy_stdin(rx, conn, close)));
+        }
+        for (sink, conn) in [(self.stdout, stdout), (self.stderr, stderr)] {
+            if let (Some((sink, uri)), Some(conn)) = (sink, conn) {
+                io.outputs.push(tokio::spawn(copy_output(conn, sink, uri)));
+            }
+        }
+        io
+    }
+}
+
+impl ProcessIo {
     /// Ends stdin once what the client wrote is forwarded.
     pub fn close_stdin(&self) {
         if let Some(c) = &self.stdin_close {
@@ -183,7 +205,8 @@ async fn copy<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(r: &mut R, w: &mut W)
 /// A `binary://` logging driver: containerd's protocol gives it the read ends of stdout
 /// and stderr pipes as fds 3 and 4 and a "ready" pipe as fd 5, which it closes when set up.
 struct BinaryLogger {
-    writers: Vec<OwnedFd>,
+    /// The write ends of its stdout (0) and stderr (1) pipes.
+    writers: [Option<OwnedFd>; 2],
 }
 
 impl BinaryLogger {
@@ -210,10 +233,20 @@ impl BinaryLogger {
         cmd.env("CONTAINER_ID", container_id)
             .env("CONTAINER_NAMESPACE", namespace);
         let fds = [out_r.as_raw_fd(), err_r.as_raw_fd(), ready_w.as_raw_fd()];
-        // SAFETY: only dup2 between fork and exec, which is async-signal-safe.
+        // SAFETY: only fcntl and dup2 between fork and exec, which are async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
+                // Every source moves above 3-5 first, so no dup2 below overwrites a
+                // source still to be moved (a pipe may sit at 3, 4 or 5 already).
+                let mut high = [0; 3];
                 for (i, fd) in fds.iter().enumerate() {
+                    high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 10);
+                    if high[i] < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                // dup2 onto a different fd clears close-on-exec on the copy.
+                for (i, fd) in high.iter().enumerate() {
                     if libc::dup2(*fd, 3 + i as i32) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -222,6 +255,7 @@ impl BinaryLogger {
             });
         }
         let child = cmd.spawn().map_err(ShimError::io(format!("start log binary {path}")))?;
+        let pid = child.id();
         // Its exit is collected by a thread that waits for that pid only.
         std::thread::spawn(move || {
             let mut child = child;
@@ -231,17 +265,29 @@ impl BinaryLogger {
         // Ready when it closes fd 5 (EOF) or writes to it; awaited without a thread.
         let mut ready = pipe::Receiver::from_owned_fd(ready_r).map_err(ShimError::io("log binary ready pipe"))?;
         let mut b = [0u8; 1];
-        tokio::time::timeout(std::time::Duration::from_secs(10), ready.read(&mut b))
-            .await
-            .map_err(|_| ShimError::Invalid(format!("log binary {path} did not get ready within 10 s")))?
-            .map_err(|e| ShimError::Invalid(format!("log binary {path}: {e}")))?;
-        Ok(BinaryLogger {
-            writers: vec![err_w, out_w],
-        })
+        let after = std::time::Duration::from_secs(10);
+        match tokio::time::timeout(after, ready.read(&mut b)).await {
+            Ok(Ok(_)) => Ok(BinaryLogger {
+                writers: [Some(out_w), Some(err_w)],
+            }),
+            Ok(Err(e)) => Err(ShimError::io(format!("log binary {path}: ready pipe"))(e)),
+            Err(_) => {
+                // Not left behind: its waiter thread reaps it.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                Err(ShimError::Timeout {
+                    what: format!("log binary {path}'s readiness"),
+                    after,
+                })
+            }
+        }
     }
 
-    fn take_writer(&mut self) -> Option<OwnedFd> {
-        self.writers.pop()
+    /// The write end for stdout (0) or stderr (1).
+    fn take_writer(&mut self, which: usize) -> Option<OwnedFd> {
+        self.writers.get_mut(which).and_then(|w| w.take())
     }
 }
 

@@ -1,17 +1,19 @@
 //! containerd-shim-vmbox-v2: the containerd runtime `io.containerd.vmbox.v2`, which runs
 //! each sandbox's containers inside a micro-VM.
 //!
-//! task.rs maps containerd's Task API onto the sandbox (sandbox.rs) and its guest agent;
-//! io.rs wires stdio; mounts.rs shares rootfs and binds with the guest; service.rs is the
-//! shim's own start/delete lifecycle.
+//! - task.rs: containerd's Task API, decoded and handed to the core;
+//! - core/: the sandbox's and processes' state machines over small seams (the VM backend,
+//!   the guest agent in agent.rs, host mounts in mounts.rs, events in events.rs);
+//! - io.rs wires stdio; service.rs is the shim's own start/delete lifecycle.
 
+mod agent;
 mod check;
-mod container;
+mod core;
 mod error;
+mod events;
 mod io;
 mod metrics;
 mod mounts;
-mod sandbox;
 mod service;
 mod signals;
 mod task;

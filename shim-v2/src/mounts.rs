@@ -6,7 +6,36 @@ use std::path::{Path, PathBuf};
 use containerd_shim::protos::api::Mount;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
+use crate::core::seams::{ContainerMounts, HostFs, Layout};
 use crate::error::ShimError;
+
+/// [`HostFs`] on this host's mount table.
+pub struct SystemFs;
+
+impl HostFs for SystemFs {
+    fn prepare_sandbox(&self, layout: &Layout) -> Result<(), ShimError> {
+        make_shared_mountpoint(&layout.shared)?;
+        let owner = layout.dir.join("shim.pid");
+        std::fs::write(&owner, std::process::id().to_string())
+            .map_err(ShimError::io(format!("write {}", owner.display())))
+    }
+
+    fn mount_container(&self, m: &ContainerMounts) -> Result<(), ShimError> {
+        mount_rootfs(&m.rootfs, &m.spec_root, &m.bundle, &m.target)?;
+        for (src, target, ro) in &m.binds {
+            bind(src, target, *ro)?;
+        }
+        Ok(())
+    }
+
+    fn remove(&self, dir: &Path) {
+        unmount_and_remove(dir);
+        // The namespace's directory goes with its last sandbox (fails while others remain).
+        if let Some(parent) = dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
 
 /// Makes `dir` a mount point with shared propagation, so rootfs mounts made below it
 /// after virtiofsd started (in its own mount namespace) still reach virtiofsd.
@@ -88,12 +117,38 @@ pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = info
         .lines()
         .filter_map(|l| l.split_whitespace().nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .map(unescape_mountinfo)
         .filter(|p| p.starts_with(dir))
         .collect();
     found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     found.dedup();
     found
+}
+
+/// A mountinfo path field: the kernel writes space, tab, newline and backslash as octal
+/// escapes (`\040`, `\011`, `\012`, `\134`).
+fn unescape_mountinfo(field: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                let v = (d[0] - b'0') as u32 * 64 + (d[1] - b'0') as u32 * 8 + (d[2] - b'0') as u32;
+                out.push(v as u8);
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
 /// Unmounts everything at or below `dir`, then removes it. Errors are logged: cleanup
@@ -117,5 +172,17 @@ pub fn unmount_and_remove(dir: &Path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             log::warn!("remove {}: {e}", dir.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), Path::new("/a b"));
+        assert_eq!(unescape_mountinfo("/t\\011n\\012s\\134x"), Path::new("/t\tn\ns\\x"));
+        assert_eq!(unescape_mountinfo("/plain\\9"), Path::new("/plain\\9"));
     }
 }

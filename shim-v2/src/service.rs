@@ -12,8 +12,16 @@ use containerd_shim::{Config as ShimConfig, Error, Flags, StartOpts};
 use vmbox_config::Config;
 use vmbox_oci::Annotations;
 
-use crate::container::now;
-use crate::sandbox::{cleanup_dead, sandbox_dir};
+use vmbox_hypervisor::qemu::Qemu;
+use vmbox_hypervisor::Hypervisor;
+use vmbox_protocol::Id;
+
+use crate::core::process::now;
+use crate::core::sandbox::live_owner;
+use crate::core::seams::{layout, Seams, TtrpcConnector};
+use crate::core::Core;
+use crate::events::Forwarder;
+use crate::mounts::SystemFs;
 use crate::task::TaskService;
 
 pub struct Service {
@@ -80,15 +88,28 @@ impl Shim for Service {
         // containerd runs this when the shim is gone: stop what it left.
         let bundle = std::env::current_dir().map_err(|e| Error::Other(format!("cwd: {e}")))?;
         let sandbox = sandbox_of(&bundle, &self.id);
-        if let Ok(config) = &self.config {
-            let dir = sandbox_dir(config, &self.namespace, &sandbox);
-            if let Some(pid) = crate::sandbox::live_owner(&dir) {
+        let layout = match (&self.config, Id::parse("id", &sandbox)) {
+            (Ok(config), Ok(id)) => layout(&config.state_dir, &self.namespace, &id)
+                .ok()
+                .map(|l| (l, config)),
+            _ => None,
+        };
+        if let Some((layout, config)) = layout {
+            if let Some(pid) = live_owner(&layout.dir) {
                 // A Create that failed inside a running pod ends here too: the pod's shim
                 // still owns the sandbox, and it has already cleaned up the container.
                 log::info!("sandbox {sandbox} is served by live shim {pid}: nothing to clean up");
-            } else if dir.exists() {
-                log::warn!("cleaning up after a dead shim: {}", dir.display());
-                tokio::task::spawn_blocking(move || cleanup_dead(&dir)).await.ok();
+            } else if layout.dir.exists() || layout.run_dir.exists() {
+                log::warn!("cleaning up after a dead shim: {}", layout.dir.display());
+                let hypervisor = Qemu::new(config.clone());
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = hypervisor.cleanup(&layout.run_dir) {
+                        log::warn!("{e}");
+                    }
+                    crate::mounts::unmount_and_remove(&layout.dir);
+                })
+                .await
+                .ok();
             }
         }
         Ok(DeleteResponse {
@@ -118,8 +139,14 @@ impl Shim for Service {
         if let Some(ms) = process_age_ms() {
             log::debug!("timing: shim={} shim_start_ms={ms}", self.id);
         }
-        let task = TaskService::new(self.config.clone(), &self.namespace, publisher, self.exit.clone());
-        crate::signals::graceful_on_sigterm(task.inner(), self.exit.clone());
-        task
+        let seams = Seams {
+            hypervisor: Arc::new(Qemu::new(self.config.clone().unwrap_or_default())),
+            agents: Arc::new(TtrpcConnector),
+            host: Arc::new(SystemFs),
+            events: Arc::new(Forwarder::start(publisher, self.namespace.clone())),
+        };
+        let core = Core::new(self.config.clone(), &self.namespace, seams);
+        crate::signals::graceful_on_sigterm(core.clone(), self.exit.clone());
+        TaskService::new(core, self.exit.clone())
     }
 }

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use containerd_shim::asynchronous::ExitSignal;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::task::Inner;
+use crate::core::Core;
 
-pub fn graceful_on_sigterm(inner: Arc<Inner>, exit: Arc<ExitSignal>) {
+pub fn graceful_on_sigterm(core: Arc<Core>, exit: Arc<ExitSignal>) {
     tokio::spawn(async move {
         let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
             return log::error!("cannot install SIGTERM/SIGINT handlers");
@@ -18,12 +18,12 @@ pub fn graceful_on_sigterm(inner: Arc<Inner>, exit: Arc<ExitSignal>) {
             _ = term.recv() => log::info!("SIGTERM: graceful shutdown"),
             _ = int.recv() => log::info!("SIGINT: graceful shutdown"),
         }
-        let sandbox = inner.current_sandbox().await;
+        let sandbox = core.current_sandbox();
         tokio::select! {
-            _ = inner.shutdown_sandbox() => {}
+            _ = core.shutdown_sandbox() => {}
             _ = async { tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} } } => {
                 log::warn!("second signal: stopping the VM hard");
-                if let Some(s) = sandbox {
+                if let Some(s) = sandbox.or_else(|| core.current_sandbox()) {
                     s.stop_hard().await;
                 }
             }

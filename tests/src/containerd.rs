@@ -192,18 +192,21 @@ impl Containerd {
 
     /// Leaks of sandbox `id`: live processes, mounts or files that mention its directory.
     pub fn leftovers(&self, id: &str) -> Vec<String> {
-        let dir = self.state_dir.join(format!("default-{id}"));
-        let needle = dir.display().to_string();
-        let mut left = crate::processes_mentioning(&needle);
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        left.extend(
-            mounts
-                .lines()
-                .filter(|l| l.contains(&needle))
-                .map(|l| format!("mount: {l}")),
-        );
-        if dir.exists() {
-            left.push(format!("directory {needle}"));
+        let paths = vmbox_config::SandboxPaths::new(&self.state_dir, "default", id);
+        let mut left = Vec::new();
+        for dir in [&paths.dir, &paths.run_dir] {
+            let needle = dir.display().to_string();
+            left.extend(crate::processes_mentioning(&needle));
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            left.extend(
+                mounts
+                    .lines()
+                    .filter(|l| l.contains(&needle))
+                    .map(|l| format!("mount: {l}")),
+            );
+            if dir.exists() {
+                left.push(format!("directory {needle}"));
+            }
         }
         let shim = format!("-id {id} -address {}", self.address);
         left.extend(crate::processes_mentioning(&shim));

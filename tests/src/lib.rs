@@ -119,7 +119,7 @@ impl TestVm {
         let shared = config.state_dir.join("shared");
         busybox_rootfs(&shared.join("rootfs"))?;
         let spec = VmSpec {
-            id: format!("test-{name}"),
+            name: format!("test-{name}"),
             run_dir: config.state_dir.join("vm"),
             shared_dir: Some(shared.clone()),
             vcpus: config.vm.vcpus,

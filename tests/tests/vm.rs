@@ -12,7 +12,7 @@ use vmbox_tests::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boot_check_and_shutdown_leave_nothing_behind() {
     let t = TestVm::boot("lifecycle").await.unwrap();
-    let run_dir = t.vm.run_dir().to_path_buf();
+    let run_dir = t.config.state_dir.join("vm");
     let v = t.agent.get_version(ctx(), &GetVersionRequest::new()).await.unwrap();
     assert_eq!(v.protocol_version, vmbox_protocol::PROTOCOL_VERSION);
     assert!(v.kernel_release.starts_with("6.1"), "guest kernel {}", v.kernel_release);
@@ -175,7 +175,7 @@ async fn a_wrong_kernel_path_fails_clearly_and_leaves_nothing() {
     let mut config = test_config("nokernel");
     config.vm.kernel = "/nonexistent/vmlinux".into();
     let spec = vmbox_hypervisor::VmSpec {
-        id: "nokernel".into(),
+        name: "nokernel".into(),
         run_dir: config.state_dir.join("vm"),
         shared_dir: None,
         vcpus: 1,
@@ -237,7 +237,7 @@ async fn an_agent_that_never_answers_times_out_with_the_console_and_leaves_nothi
     config.timeouts.boot_ms = 8_000;
     let run_dir = config.state_dir.join("vm");
     let spec = vmbox_hypervisor::VmSpec {
-        id: "silent".into(),
+        name: "silent".into(),
         run_dir: run_dir.clone(),
         shared_dir: Some(config.state_dir.clone()),
         vcpus: 1,

@@ -5,6 +5,10 @@
 //! the kernel's vhost-vsock is used) and QEMU. A start that fails half-way, `stop`,
 //! and dropping the VM all remove every one of them.
 
+mod cmdline;
+mod console;
+
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -19,13 +23,14 @@ use crate::accel::{choose, Accel, HostFacts};
 use crate::binaries::{resolve, QEMU_HINT, VIRTIOFSD_HINT, VSOCK_HINT};
 use crate::process::Child;
 use crate::vsock::{Conn, Dialer, HelloListener};
-use crate::{qmp, BootTimes, Hypervisor, HypervisorError, Vm, VmSpec};
+use crate::{qmp, BootTimes, Hypervisor, HypervisorError, Vm, VmExit, VmSpec, MAX_RUN_DIR_LEN};
+pub use cmdline::{kernel_append, qemu_args, valid_name, QemuArgs, VsockDevice, SHARE_TAG};
+pub use console::{Console, CONSOLE_RING};
 
-/// The virtio-fs tag of the shared directory.
-pub const SHARE_TAG: &str = "vmboxfs";
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The QEMU backend as a [`Hypervisor`].
 pub struct Qemu {
     config: Config,
 }
@@ -41,10 +46,14 @@ impl Hypervisor for Qemu {
     async fn start(&self, spec: VmSpec) -> Result<Box<dyn Vm>, HypervisorError> {
         Ok(Box::new(QemuVm::start(&self.config, spec).await?))
     }
+
+    fn cleanup(&self, run_dir: &Path) -> Result<(), HypervisorError> {
+        cleanup_run_dir(run_dir)
+    }
 }
 
 pub struct QemuVm {
-    id: String,
+    name: String,
     dir: PathBuf,
     accel: Accel,
     dialer: Dialer,
@@ -52,24 +61,78 @@ pub struct QemuVm {
     boot_times: BootTimes,
     qemu: Option<Child>,
     daemons: Vec<Child>,
+    console: Option<Console>,
     stopped: Mutex<bool>,
     rpc_timeout: Duration,
 }
 
-/// Ids become file names and QEMU's `-name`: keep them to a safe alphabet.
-fn check_id(id: &str) -> Result<(), HypervisorError> {
-    let ok = !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-    match ok {
-        true => Ok(()),
-        false => Err(HypervisorError::Spec(format!(
-            "sandbox id {id:?}: expected 1-128 of [A-Za-z0-9_.-]"
-        ))),
+fn check_spec(spec: &VmSpec) -> Result<(), HypervisorError> {
+    if !valid_name(&spec.name) {
+        return Err(HypervisorError::Spec(format!(
+            "VM name {:?}: expected 1-256 of [A-Za-z0-9_.-]",
+            spec.name
+        )));
     }
+    let len = spec.run_dir.as_os_str().len();
+    if len > MAX_RUN_DIR_LEN {
+        return Err(HypervisorError::Spec(format!(
+            "run directory {} is {len} bytes; its sockets need it at most {MAX_RUN_DIR_LEN} (a shorter state_dir)",
+            spec.run_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// `ioctl(VHOST_VSOCK_SET_GUEST_CID)`: `_IOW(VHOST_VIRTIO=0xAF, 0x60, __u64)`.
+mod vhost {
+    nix::ioctl_write_ptr!(set_guest_cid, 0xAF, 0x60, u64);
+}
+
+/// Reserves a guest CID with the kernel's vhost-vsock: opens `/dev/vhost-vsock` and claims
+/// a random CID on it, retrying on EADDRINUSE (another VM holds it). QEMU gets the fd
+/// (`vhostfd=`), so the CID stays reserved from here to the VM's end.
+fn reserve_cid() -> Result<(OwnedFd, u32), HypervisorError> {
+    let dev = Path::new("/dev/vhost-vsock");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dev)
+        .map_err(HypervisorError::io("open", dev))?;
+    let fd = OwnedFd::from(f);
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0)
+        ^ (std::process::id() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    for _ in 0..64 {
+        // xorshift: a spread of CIDs in [3, 2^32 - 2).
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let cid = 3 + (seed % (u32::MAX as u64 - 4));
+        // SAFETY: the ioctl reads one u64 from a valid pointer.
+        match unsafe { vhost::set_guest_cid(fd.as_raw_fd(), &cid) } {
+            Ok(_) => return Ok((fd, cid as u32)),
+            Err(nix::errno::Errno::EADDRINUSE) => continue,
+            Err(e) => {
+                return Err(HypervisorError::Io {
+                    what: "reserve a vsock CID on",
+                    path: dev.into(),
+                    source: e.into(),
+                })
+            }
+        }
+    }
+    Err(HypervisorError::Io {
+        what: "reserve a vsock CID (64 random CIDs tried) on",
+        path: dev.into(),
+        source: nix::errno::Errno::EADDRINUSE.into(),
+    })
 }
 
 impl QemuVm {
     pub async fn start(cfg: &Config, spec: VmSpec) -> Result<QemuVm, HypervisorError> {
-        check_id(&spec.id)?;
+        check_spec(&spec)?;
         let t0 = Instant::now();
         let qemu_bin = resolve("qemu-system-x86_64", &cfg.binaries.qemu, QEMU_HINT)?;
         for (what, p) in [
@@ -88,7 +151,7 @@ impl QemuVm {
             }
         }
         let (accel, why) = choose(cfg.vm.accelerator, &HostFacts::probe());
-        log::info!("vm {}: accelerator {} ({why})", spec.id, accel.name());
+        log::info!("vm {}: accelerator {} ({why})", spec.name, accel.name());
         let kernel_vsock = match cfg.vm.vsock {
             VsockBackend::Kernel => true,
             VsockBackend::VhostUser => false,
@@ -96,30 +159,32 @@ impl QemuVm {
         };
         std::fs::create_dir_all(&spec.run_dir).map_err(HypervisorError::io("create run directory", &spec.run_dir))?;
         let dir = spec.run_dir.clone();
+        let (vhostfd, dialer) = if kernel_vsock {
+            let (fd, cid) = reserve_cid()?;
+            (Some(fd), Dialer::Kernel { cid })
+        } else {
+            let uds = dir.join("vsock.sock");
+            (None, Dialer::Hybrid { uds })
+        };
         let mut vm = QemuVm {
-            id: spec.id.clone(),
+            name: spec.name.clone(),
             dir: dir.clone(),
             accel,
-            dialer: if kernel_vsock {
-                Dialer::Kernel { cid: pick_cid() }
-            } else {
-                Dialer::Hybrid {
-                    uds: dir.join("vsock.sock"),
-                }
-            },
+            dialer,
             hello: Hello::default(),
             boot_times: BootTimes::default(),
             qemu: None,
             daemons: Vec::new(),
+            console: None,
             stopped: Mutex::new(false),
             rpc_timeout: Duration::from_millis(cfg.timeouts.rpc_ms),
         };
-        // From here on, any error leaves through `fail`, which removes what was started.
-        match vm.boot(cfg, &spec, &qemu_bin).await {
+        // From here on, any error leaves through `stop`, which removes what was started.
+        match vm.boot(cfg, &spec, &qemu_bin, vhostfd).await {
             Ok(()) => {
                 log::info!(
                     "vm {}: agent {} ready in {} ms",
-                    vm.id,
+                    vm.name,
                     vm.hello.agent_version,
                     t0.elapsed().as_millis()
                 );
@@ -132,61 +197,55 @@ impl QemuVm {
         }
     }
 
-    async fn boot(&mut self, cfg: &Config, spec: &VmSpec, qemu_bin: &Path) -> Result<(), HypervisorError> {
+    async fn boot(
+        &mut self,
+        cfg: &Config,
+        spec: &VmSpec,
+        qemu_bin: &Path,
+        vhostfd: Option<OwnedFd>,
+    ) -> Result<(), HypervisorError> {
         let dir = self.dir.clone();
         let t_daemons = Instant::now();
-        let mut args: Vec<String> = Vec::new();
         // Both daemons start at once; their sockets are awaited together below.
         let mut sockets: Vec<(PathBuf, &'static str, PathBuf, usize)> = Vec::new();
+        let fs_sock = dir.join("fs.sock");
         if let Some(shared) = &spec.shared_dir {
             let bin = resolve("virtiofsd", &cfg.binaries.virtiofsd, VIRTIOFSD_HINT)?;
-            let sock = dir.join("fs.sock");
             let mut cmd = Command::new(bin);
-            cmd.arg(format!("--socket-path={}", sock.display()))
+            cmd.arg(format!("--socket-path={}", fs_sock.display()))
                 .arg(format!("--shared-dir={}", shared.display()))
                 .args(["--cache=auto", "--sandbox=namespace", "--log-level=warn"]);
             self.daemons
                 .push(Child::spawn("virtiofsd", cmd, &dir.join("virtiofsd.log"))?);
             sockets.push((
-                sock.clone(),
+                fs_sock.clone(),
                 "virtiofsd",
                 dir.join("virtiofsd.log"),
                 self.daemons.len() - 1,
             ));
-            // QEMU 7.1-8.0 crash when virtiofsd is given --tag: the tag lives on the device.
-            args.extend(["-chardev".into(), format!("socket,id=fs,path={}", sock.display())]);
-            args.extend([
-                "-device".into(),
-                format!("vhost-user-fs-device,chardev=fs,tag={SHARE_TAG}"),
-            ]);
         }
+        let vsock_sock = dir.join("vhost-vsock.sock");
         let hello_port = match &self.dialer {
             Dialer::Hybrid { uds } => {
                 let bin = resolve("vhost-device-vsock", &cfg.binaries.vhost_device_vsock, VSOCK_HINT)?;
-                let sock = dir.join("vhost-vsock.sock");
                 let mut cmd = Command::new(bin);
                 cmd.arg("--vm").arg(format!(
                     "guest-cid=3,socket={},uds-path={}",
-                    sock.display(),
+                    vsock_sock.display(),
                     uds.display()
                 ));
                 self.daemons
                     .push(Child::spawn("vhost-device-vsock", cmd, &dir.join("vsock.log"))?);
                 sockets.push((
-                    sock.clone(),
+                    vsock_sock.clone(),
                     "vhost-device-vsock",
                     dir.join("vsock.log"),
                     self.daemons.len() - 1,
                 ));
-                args.extend(["-chardev".into(), format!("socket,id=vsk,path={}", sock.display())]);
-                args.extend(["-device".into(), "vhost-user-vsock-device,chardev=vsk".into()]);
-                vmbox_protocol::HELLO_PORT
+                Some(vmbox_protocol::HELLO_PORT)
             }
-            Dialer::Kernel { cid } => {
-                args.extend(["-device".into(), format!("vhost-vsock-device,guest-cid={cid}")]);
-                // Kernel vsock ports are host-wide: one per VM.
-                20_000 + (*cid % 40_000)
-            }
+            // Kernel vsock ports are host-wide: the kernel picks a free one.
+            Dialer::Kernel { .. } => None,
         };
         for (sock, name, log, daemon) in &sockets {
             self.wait_for_socket(sock, name, log, *daemon).await?;
@@ -194,97 +253,97 @@ impl QemuVm {
         // Listen before the guest boots: the guest dials in, the host never dials a booting
         // guest (that can wedge vhost-user vsock devices).
         let listener = HelloListener::bind(&self.dialer, hello_port)?;
-        let quiet = cfg.log_level != "trace";
-        let agent_log = if cfg.log_level == "trace" {
-            "debug"
-        } else {
-            cfg.log_level.as_str()
+        let hostname = match spec.hostname.as_deref() {
+            Some(h) if vmbox_protocol::valid_hostname(h) => Some(h),
+            Some(h) => {
+                log::warn!(
+                    "vm {}: hostname {h:?} is not a valid hostname; the guest gets none",
+                    spec.name
+                );
+                None
+            }
+            None => None,
         };
-        let mut append = format!(
-            "console=ttyS0 reboot=t panic=-1 {}vmbox.log={agent_log} vmbox.hello_port={hello_port}",
-            if quiet { "quiet " } else { "" }
+        let append = kernel_append(
+            &cfg.log_level,
+            listener.port(),
+            spec.shared_dir.is_some(),
+            hostname,
+            &cfg.vm.kernel_params,
         );
-        if spec.shared_dir.is_some() {
-            append.push_str(&format!(" vmbox.share={SHARE_TAG}"));
-        }
-        match spec.hostname.as_deref() {
-            Some(h) if vmbox_protocol::valid_hostname(h) => append.push_str(&format!(" vmbox.hostname={h}")),
-            Some(h) => log::warn!(
-                "sandbox {}: hostname {h:?} is not a valid hostname; the guest gets none",
-                spec.id
-            ),
-            None => {}
-        }
-        if !cfg.vm.kernel_params.is_empty() {
-            append.push(' ');
-            append.push_str(&cfg.vm.kernel_params);
-        }
-        let mem = spec.memory_mib;
-        let (accel, cpu) = match (self.accel, cfg.vm.tcg_cache_mib) {
-            (Accel::Tcg, 0) => ("tcg,thread=multi".to_string(), "max"),
-            (Accel::Tcg, mib) => (format!("tcg,thread=multi,tb-size={mib}"), "max"),
-            (Accel::Kvm, _) => ("kvm".to_string(), "host"),
+        let console_sock = dir.join("console.sock");
+        self.console = Some(Console::listen(&console_sock)?);
+        let qmp_sock = dir.join("qmp.sock");
+        let vsock = match &self.dialer {
+            Dialer::Hybrid { .. } => VsockDevice::VhostUser(&vsock_sock),
+            Dialer::Kernel { cid } => VsockDevice::Kernel {
+                cid: *cid,
+                vhostfd: vhostfd.as_ref().map(|f| f.as_raw_fd()),
+            },
         };
+        let args = qemu_args(&QemuArgs {
+            name: &self.name,
+            kernel: &cfg.vm.kernel,
+            initramfs: &cfg.vm.initramfs,
+            append: &append,
+            memory_mib: spec.memory_mib,
+            vcpus: spec.vcpus,
+            accel: self.accel,
+            tcg_cache_mib: cfg.vm.tcg_cache_mib,
+            console: &console_sock,
+            qmp: &qmp_sock,
+            fs: spec.shared_dir.as_ref().map(|_| fs_sock.as_path()),
+            vsock,
+        });
         let mut cmd = Command::new(qemu_bin);
-        cmd.arg("-name")
-            .arg(format!("vmbox-{},process=vmbox-{}", self.id, self.id))
-            .args([
-                "-M",
-                "microvm,x-option-roms=off,isa-serial=on,acpi=off,memory-backend=mem",
-            ])
-            .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem}M,share=on")])
-            .args(["-m", &format!("{mem}M"), "-smp", &spec.vcpus.to_string()])
-            .args(["-accel", &accel, "-cpu", cpu])
-            .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-            // Free page reporting: the guest hands memory it freed (the unpacked initramfs,
-            // exited processes) back, and QEMU drops it from the host.
-            .args(["-device", "virtio-balloon-device,free-page-reporting=on"])
-            .arg("-kernel")
-            .arg(&cfg.vm.kernel)
-            .arg("-initrd")
-            .arg(&cfg.vm.initramfs)
-            .args(["-append", &append])
-            .args([
-                "-chardev",
-                &format!("file,id=con,path={}", dir.join("console.log").display()),
-                "-serial",
-                "chardev:con",
-            ])
-            .args([
-                "-qmp",
-                &format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()),
-            ])
-            .args(&args);
-        log::debug!("vm {}: {:?}", self.id, cmd);
+        cmd.args(&args);
+        log::debug!("vm {}: {:?}", self.name, cmd);
         self.boot_times.daemons = t_daemons.elapsed();
         // QEMU starts with its vCPUs stopped (-S) and is released once its monitor answers,
         // so the host's part (building the machine, loading kernel and initramfs) and the
         // guest's part of the boot are timed apart.
-        cmd.arg("-S");
         let t_qemu = Instant::now();
-        let qemu = Child::spawn("qemu", cmd, &dir.join("qemu.log"))?;
+        let inherit = vhostfd.as_ref().map(|f| f.as_raw_fd());
+        let qemu = Child::spawn_with("qemu", cmd, &dir.join("qemu.log"), |cmd| {
+            use std::os::unix::process::CommandExt;
+            if let Some(fd) = inherit {
+                // SAFETY: only fcntl between fork and exec, which is async-signal-safe.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
+            Ok(())
+        })?;
+        // QEMU holds the CID's fd now.
+        drop(vhostfd);
         self.write_pids(Some(qemu.pid))?;
         let qemu = &*self.qemu.insert(qemu);
         let timeout = Duration::from_millis(cfg.timeouts.boot_ms);
         let deadline = tokio::time::Instant::now() + timeout;
-        let qmp_sock = dir.join("qmp.sock");
-        let failed = |status: Option<String>| {
+        let console = self.console.as_ref();
+        let console_tail = || console.map(|c| c.tail(20)).unwrap_or_default();
+        let failed = |status: Option<VmExit>| {
             let mut log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
             log.truncate(4096);
             HypervisorError::BootFailed {
                 status: format!(
                     "qemu {}; qemu.log: {}",
-                    status.unwrap_or_else(|| "still running".into()),
+                    status.map(|s| s.to_string()).unwrap_or_else(|| "still running".into()),
                     log.trim()
                 ),
-                console: console_tail(&dir.join("console.log"), 20),
+                console: console_tail(),
             }
         };
         let release = qmp::execute_when_up(&qmp_sock, "cont", timeout);
         tokio::select! {
             r = tokio::time::timeout_at(deadline, release) => match r {
                 Ok(r) => r?,
-                Err(_) => return Err(HypervisorError::BootTimeout { timeout_ms: cfg.timeouts.boot_ms, console: self.console_tail(20) }),
+                Err(_) => return Err(HypervisorError::BootTimeout { timeout_ms: cfg.timeouts.boot_ms, console: console_tail() }),
             },
             status = qemu.wait(timeout + Duration::from_secs(1)) => return Err(failed(status)),
         };
@@ -304,7 +363,7 @@ impl QemuVm {
         let result = tokio::select! {
             r = tokio::time::timeout_at(deadline, hello) => match r {
                 Ok(r) => r,
-                Err(_) => Err(HypervisorError::BootTimeout { timeout_ms: cfg.timeouts.boot_ms, console: self.console_tail(20) }),
+                Err(_) => Err(HypervisorError::BootTimeout { timeout_ms: cfg.timeouts.boot_ms, console: console_tail() }),
             },
             status = qemu.wait(timeout + Duration::from_secs(1)) => Err(failed(status)),
         };
@@ -312,7 +371,7 @@ impl QemuVm {
         self.boot_times.guest = t_guest.elapsed();
         log::debug!(
             "timing: vm={} daemons_up_ms={} qemu_init_ms={} guest_boot_ms={} guest_clock_ms={}",
-            self.id,
+            self.name,
             self.boot_times.daemons.as_millis(),
             self.boot_times.vmm_init.as_millis(),
             self.boot_times.guest.as_millis(),
@@ -362,31 +421,14 @@ impl QemuVm {
 
     /// The last `n` lines of the guest console.
     pub fn console_tail(&self, n: usize) -> String {
-        console_tail(&self.dir.join("console.log"), n)
+        self.console.as_ref().map(|c| c.tail(n)).unwrap_or_default()
     }
-}
-
-fn console_tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let start = text.len().saturating_sub(16 * 1024);
-    let text = String::from_utf8_lossy(&text[start..]);
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// A guest CID for the kernel's vhost-vsock (3 and up; collisions make QEMU fail).
-fn pick_cid() -> u32 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    3 + (t ^ std::process::id().wrapping_mul(2_654_435_761)) % 1_000_000
 }
 
 #[async_trait]
 impl Vm for QemuVm {
-    fn id(&self) -> &str {
-        &self.id
+    fn name(&self) -> &str {
+        &self.name
     }
 
     fn hello(&self) -> &Hello {
@@ -399,10 +441,6 @@ impl Vm for QemuVm {
 
     fn accel(&self) -> Accel {
         self.accel
-    }
-
-    fn run_dir(&self) -> &Path {
-        &self.dir
     }
 
     async fn connect(&self, port: u32) -> Result<Conn, HypervisorError> {
@@ -421,14 +459,21 @@ impl Vm for QemuVm {
             .map(|_| ())
     }
 
-    fn exited(&self) -> Option<String> {
+    fn exited(&self) -> Option<VmExit> {
         self.qemu.as_ref().and_then(|q| q.exited())
     }
 
-    async fn wait_exit(&self, timeout: Duration) -> Option<String> {
+    async fn wait_exit(&self, timeout: Duration) -> Option<VmExit> {
         match &self.qemu {
             Some(q) => q.wait(timeout).await,
-            None => Some("never started".into()),
+            None => Some(VmExit::NeverStarted),
+        }
+    }
+
+    async fn wait(&self) -> VmExit {
+        match &self.qemu {
+            Some(q) => q.wait_forever().await,
+            None => VmExit::NeverStarted,
         }
     }
 
@@ -453,10 +498,10 @@ impl Vm for QemuVm {
         if let Some(q) = &self.qemu {
             if q.exited().is_none() {
                 if let Err(e) = qmp::execute(&self.dir.join("qmp.sock"), "quit", Duration::from_secs(1)).await {
-                    log::debug!("vm {}: {e}", self.id);
+                    log::debug!("vm {}: {e}", self.name);
                 }
                 if q.wait(Duration::from_secs(2)).await.is_none() {
-                    log::warn!("vm {}: QEMU did not quit: SIGKILL", self.id);
+                    log::warn!("vm {}: QEMU did not quit: SIGKILL", self.name);
                     q.signal(Signal::SIGKILL);
                     q.wait(Duration::from_secs(5)).await;
                 }
@@ -468,11 +513,11 @@ impl Vm for QemuVm {
         }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                log::warn!("vm {}: remove {}: {e}", self.id, self.dir.display());
+                log::warn!("vm {}: remove {}: {e}", self.name, self.dir.display());
             }
         }
         *stopped = true;
-        log::info!("vm {}: stopped", self.id);
+        log::info!("vm {}: stopped", self.name);
     }
 }
 
@@ -513,20 +558,27 @@ pub fn cleanup_run_dir(dir: &Path) -> Result<(), HypervisorError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn sandbox_ids_are_checked() {
-        assert!(check_id("abc-1_2.3").is_ok());
-        assert!(check_id("../x").is_err());
-        assert!(check_id("a,b").is_err(), "a comma would inject QEMU options");
+    fn spec(name: &str, run_dir: &str) -> VmSpec {
+        VmSpec {
+            name: name.into(),
+            run_dir: run_dir.into(),
+            shared_dir: None,
+            vcpus: 1,
+            memory_mib: 128,
+            hostname: None,
+        }
     }
 
     #[test]
-    fn console_tail_keeps_the_last_lines() {
-        let dir = std::env::temp_dir().join(format!("vmbox-tail-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("console.log");
-        std::fs::write(&f, "a\nb\nc\nd\n").unwrap();
-        assert_eq!(console_tail(&f, 2), "c\nd");
-        std::fs::remove_dir_all(&dir).unwrap();
+    fn specs_are_checked() {
+        assert!(check_spec(&spec("abc-1_2.3", "/run/vmbox/vm/0123456789abcdef")).is_ok());
+        assert!(check_spec(&spec("../x", "/r")).is_err());
+        assert!(
+            check_spec(&spec("a,b", "/r")).is_err(),
+            "a comma would inject QEMU options"
+        );
+        let long = format!("/{}", "d".repeat(MAX_RUN_DIR_LEN));
+        let e = check_spec(&spec("a", &long)).unwrap_err().to_string();
+        assert!(e.contains("state_dir"), "{e}");
     }
 }

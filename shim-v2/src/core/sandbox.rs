@@ -1,0 +1,173 @@
+//! A sandbox: one micro-VM, its agent, and its directories on the host, holding the
+//! containers of one pod (or one lone container). Booting and stopping it; opening stdio
+//! streams to its agent.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmbox_config::Config;
+use vmbox_hypervisor::{Conn, Vm, VmSpec};
+use vmbox_protocol::Id;
+
+use super::seams::{Layout, Seams};
+use crate::agent::GuestAgent;
+use crate::error::ShimError;
+use crate::timing;
+
+pub struct Sandbox {
+    pub id: Id,
+    pub layout: Layout,
+    pub vm: Arc<dyn Vm>,
+    pub agent: Arc<dyn GuestAgent>,
+    seams: Seams,
+    config: Config,
+    next_stream: AtomicU64,
+}
+
+/// The size of a sandbox's VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
+/// Runs blocking host work off the async workers.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ShimError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ShimError::Internal(format!("host task: {e}")))
+}
+
+impl Sandbox {
+    /// Boots the VM and connects to its agent. On failure nothing of it is left.
+    pub async fn boot(
+        seams: Seams,
+        config: Config,
+        namespace: &str,
+        id: Id,
+        layout: Layout,
+        size: Size,
+    ) -> Result<Sandbox, ShimError> {
+        let host = seams.host.clone();
+        let l = layout.clone();
+        blocking(move || host.prepare_sandbox(&l)).await??;
+        let spec = VmSpec {
+            name: format!("{namespace}-{id}"),
+            run_dir: layout.run_dir.clone(),
+            shared_dir: Some(layout.shared.clone()),
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
+            // runc parity: a container whose spec sets no hostname keeps the host's.
+            hostname: nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()),
+        };
+        let booted = async {
+            let vm: Arc<dyn Vm> = Arc::from(seams.hypervisor.start(spec).await?);
+            // QEMU's vCPUs released to the agent's hello: firmware, kernel and agent start.
+            timing::add_guest(vm.boot_times().guest);
+            match timing::guest(vm.connect(vmbox_protocol::AGENT_PORT)).await {
+                Ok(c) => Ok((vm.clone(), seams.agents.connect(c, &config.timeouts))),
+                Err(e) => {
+                    vm.stop().await;
+                    Err(ShimError::from(e))
+                }
+            }
+        };
+        match booted.await {
+            Ok((vm, agent)) => Ok(Sandbox {
+                id,
+                layout,
+                vm,
+                agent,
+                seams,
+                config,
+                next_stream: AtomicU64::new(1),
+            }),
+            Err(e) => {
+                let host = seams.host.clone();
+                let dir = layout.dir.clone();
+                let _ = blocking(move || host.remove(&dir)).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens a new stdio stream to the agent; returns its id.
+    pub async fn stream(&self) -> Result<(u64, Conn), ShimError> {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        // A burst of process starts can overflow the guest's listen backlog; the vsock
+        // device then refuses the connection. Retry a few times, backing off.
+        let mut delay = Duration::from_millis(20);
+        let mut attempt = 0;
+        let mut c = loop {
+            match timing::guest(self.vm.connect(vmbox_protocol::STDIO_PORT)).await {
+                Ok(c) => break c,
+                Err(e) if attempt < 6 && self.vm.exited().is_none() => {
+                    log::debug!("stdio stream {id}: {e}; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        vmbox_protocol::stream::write_header(&mut c, id)
+            .await
+            .map_err(|e| ShimError::Agent(format!("stdio stream: {e}")))?;
+        Ok((id, c))
+    }
+
+    /// Unmounts and removes a container's files on the host.
+    pub async fn remove_container_files(&self, id: &Id) {
+        let host = self.seams.host.clone();
+        let dir = self.layout.container_dir(id.as_str());
+        let _ = blocking(move || host.remove(&dir)).await;
+    }
+
+    /// Graceful stop: the agent stops the containers and flushes, the VM powers off; each
+    /// step bounded, then everything on the host is removed.
+    pub async fn shutdown(&self) {
+        let t = &self.config.timeouts;
+        let total = Duration::from_millis(t.shutdown_ms);
+        match self
+            .agent
+            .shutdown(Duration::from_millis(t.grace_period_ms), total)
+            .await
+        {
+            Ok(killed) => {
+                log::info!(
+                    "sandbox {}: guest shut down ({killed} processes needed SIGKILL)",
+                    self.id
+                );
+                // The guest syncs, unmounts and powers off.
+                if timing::guest(self.vm.wait_exit(Duration::from_secs(5))).await.is_none() {
+                    log::warn!(
+                        "sandbox {}: VM still running 5 s after the guest shut down; stopping it",
+                        self.id
+                    );
+                }
+            }
+            Err(e) => log::warn!("sandbox {}: {e}; stopping the VM hard", self.id),
+        }
+        self.stop_hard().await;
+    }
+
+    /// Stops the VM without asking the guest (second signal, dead guest), removes the files.
+    pub async fn stop_hard(&self) {
+        self.vm.stop().await;
+        let host = self.seams.host.clone();
+        let dir = self.layout.dir.clone();
+        let _ = blocking(move || host.remove(&dir)).await;
+    }
+}
+
+/// The pid of the live shim that owns sandbox directory `dir`, if any (never this process).
+pub fn live_owner(dir: &std::path::Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(dir.join("shim.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    (pid != std::process::id() && String::from_utf8_lossy(&cmd).contains("containerd-shim-vmbox-v2")).then_some(pid)
+}
