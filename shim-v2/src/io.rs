@@ -74,7 +74,7 @@ impl HostStdio {
                     logger = Some(BinaryLogger::spawn(rest, container_id, namespace).await?);
                 }
                 let fd = logger.as_mut().and_then(|l| l.take_writer(i));
-                let fd = fd.ok_or_else(|| ShimError::Invalid(format!("log uri {uri}: no writer")))?;
+                let fd = fd.ok_or_else(|| ShimError::Internal(format!("log uri {uri}: no writer")))?;
                 Sink::Fifo(pipe::Sender::from_owned_fd(fd).map_err(ShimError::io("log pipe"))?)
             } else if let Some(path) = uri.strip_prefix("file://") {
                 // O_NONBLOCK: a FIFO named as a log file fails at once instead of

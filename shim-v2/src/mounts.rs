@@ -77,7 +77,7 @@ pub fn mount_rootfs(mounts: &[Mount], spec_root: &Path, bundle: &Path, target: &
             )));
         }
         containerd_shim::mount::mount_rootfs(Some(&m.type_), Some(&m.source), &m.options, target)
-            .map_err(|e| ShimError::Invalid(format!("mount rootfs ({} {}): {e}", m.type_, m.source)))?;
+            .map_err(|e| ShimError::Internal(format!("mount rootfs ({} {}): {e}", m.type_, m.source)))?;
     }
     Ok(())
 }

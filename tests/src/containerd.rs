@@ -192,7 +192,11 @@ impl Containerd {
 
     /// Leaks of sandbox `id`: live processes, mounts or files that mention its directory.
     pub fn leftovers(&self, id: &str) -> Vec<String> {
-        let paths = vmbox_config::SandboxPaths::new(&self.state_dir, "default", id);
+        self.leftovers_of(&vmbox_config::SandboxPaths::new(&self.state_dir, "default", id), id)
+    }
+
+    /// Leaks of the sandbox at `paths` (any namespace or state_dir) whose shim serves `id`.
+    pub fn leftovers_of(&self, paths: &vmbox_config::SandboxPaths, id: &str) -> Vec<String> {
         let mut left = Vec::new();
         for dir in [&paths.dir, &paths.run_dir] {
             let needle = dir.display().to_string();

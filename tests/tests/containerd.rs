@@ -394,3 +394,188 @@ fn a_killed_shim_is_cleaned_up_by_containerd() {
     }
     c.remove(id);
 }
+
+/// `kubectl exec -it` in CRI terms: 64-hex container and exec ids, with a tty, in the
+/// longest namespace containerd allows (76 characters) and under a long `state_dir`: every
+/// socket vmbox makes fits `sun_path` whatever the ids.
+#[test]
+fn exec_t_works_with_kubernetes_ids_a_76_character_namespace_and_a_long_state_dir() {
+    let c = containerd();
+    let ns = format!("k8s{}", "x".repeat(73));
+    assert_eq!(ns.len(), 76);
+    let id = "0123456789abcdef".repeat(4);
+    let exec_id = "fedcba9876543210".repeat(4);
+    let state_dir = c
+        .dir
+        .join(format!("long-state-{}", "s".repeat(vmbox_config::MAX_STATE_DIR_LEN)));
+    let state_dir: std::path::PathBuf = state_dir
+        .display()
+        .to_string()
+        .chars()
+        .take(vmbox_config::MAX_STATE_DIR_LEN)
+        .collect::<String>()
+        .into();
+    let good = std::fs::read_to_string(&c.config_path).unwrap();
+    std::fs::write(&c.config_path, vmbox_tests::containerd::good_config(&state_dir)).unwrap();
+    let tar = c.dir.join("busybox.tar").display().to_string();
+    ok(
+        &c.ctr(&["-n", &ns, "image", "import", &tar]),
+        "image import into the long namespace",
+    );
+    let run = c.ctr(&[
+        "-n",
+        &ns,
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    // The shim read its config when it started; later tests get the usual one.
+    std::fs::write(&c.config_path, &good).unwrap();
+    ok(&run, "ctr run -d with a 64-hex id in a 76-character namespace");
+
+    let tty = c.ctr_tty(
+        &[
+            "-n",
+            &ns,
+            "task",
+            "exec",
+            "-t",
+            "--exec-id",
+            &exec_id,
+            &id,
+            "sh",
+            "-c",
+            "'stty size; tty'",
+        ],
+        21,
+        77,
+    );
+    let screen = text(&tty.stdout);
+    assert!(
+        screen.contains("21 77") && screen.contains("/dev/pts/"),
+        "exec -t with 64-hex ids: {screen:?} {}",
+        text(&tty.stderr)
+    );
+    let paths = vmbox_config::SandboxPaths::new(&state_dir, &ns, &id);
+    let sockets: Vec<String> = std::fs::read_dir(&paths.run_dir)
+        .expect("the VM's run directory")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().display().to_string())
+        .filter(|p| p.contains(".sock"))
+        .collect();
+    assert!(sockets.len() >= 3, "{sockets:?}");
+    for s in &sockets {
+        assert!(s.len() <= 107, "{s}: {} bytes", s.len());
+    }
+
+    let _ = c.ctr(&["-n", &ns, "task", "kill", "-s", "KILL", &id]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = c.ctr(&["-n", &ns, "task", "delete", &id]);
+        if out.status.success() || text(&out.stderr).contains("not found") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "task delete: {}",
+            text(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    ok(&c.ctr(&["-n", &ns, "container", "rm", &id]), "container rm");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let left = c.leftovers_of(&paths, &id);
+        if left.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "left behind: {left:#?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = c.ctr(&["-n", &ns, "image", "rm", IMAGE]);
+}
+
+/// containerd's event stream around 20 `ctr run --rm true` and 20 execs: every TaskExit
+/// comes after the TaskStart or TaskExecStarted of its process.
+#[test]
+fn every_task_exit_follows_its_start_in_containerds_event_stream() {
+    use std::io::BufRead;
+    let c = containerd();
+    let mut events = std::process::Command::new("ctr")
+        .args(["--address", &c.address, "events"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("ctr events");
+    let stdout = events.stdout.take().expect("ctr events' stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let runs: Vec<String> = (0..20).map(|i| format!("e2e-order-{i}")).collect();
+    for id in &runs {
+        ok(
+            &c.ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, id, "true"]),
+            "ctr run --rm true",
+        );
+    }
+    let host = "e2e-order-execs";
+    ok(
+        &c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, host, "sleep", "1000"]),
+        "ctr run -d",
+    );
+    let execs: Vec<String> = (0..20).map(|i| format!("x{i}")).collect();
+    for e in &execs {
+        ok(
+            &c.ctr(&["task", "exec", "--exec-id", e, host, "true"]),
+            "ctr task exec true",
+        );
+    }
+    // Collect until every process's exit arrived (bounded).
+    let mut lines = Vec::new();
+    let exit_of = |l: &str, id: &str| l.contains("/tasks/exit") && l.contains(&format!("\"id\":\"{id}\""));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let all_exited = |lines: &[String]| {
+        runs.iter()
+            .chain(execs.iter())
+            .all(|id| lines.iter().any(|l| exit_of(l, id)))
+    };
+    while !all_exited(&lines) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => lines.push(l),
+            Err(_) => panic!("not every exit arrived within 60 s; events:\n{}", lines.join("\n")),
+        }
+    }
+    let _ = events.kill();
+    let _ = events.wait();
+    let position = |pred: &dyn Fn(&str) -> bool| lines.iter().position(|l| pred(l));
+    for id in &runs {
+        let start = position(&|l| l.contains("/tasks/start") && l.contains(&format!("\"container_id\":\"{id}\"")));
+        let exit = position(&|l| exit_of(l, id));
+        assert!(
+            matches!((start, exit), (Some(s), Some(x)) if s < x),
+            "{id}: TaskStart at {start:?}, TaskExit at {exit:?}:\n{}",
+            lines.join("\n")
+        );
+    }
+    for e in &execs {
+        let started = position(&|l| l.contains("/tasks/exec-started") && l.contains(&format!("\"exec_id\":\"{e}\"")));
+        let exit = position(&|l| exit_of(l, e));
+        assert!(
+            matches!((started, exit), (Some(s), Some(x)) if s < x),
+            "{e}: TaskExecStarted at {started:?}, TaskExit at {exit:?}:\n{}",
+            lines.join("\n")
+        );
+    }
+    c.remove(host);
+}

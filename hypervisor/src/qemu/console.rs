@@ -18,6 +18,8 @@ use crate::HypervisorError;
 
 /// Bytes of console output kept (the newest).
 pub const CONSOLE_RING: usize = 64 * 1024;
+/// Longest console line copied into the log, in bytes.
+pub const MAX_LOG_LINE: usize = 1024;
 
 /// A bounded byte ring: pushing past its capacity drops the oldest bytes.
 #[derive(Debug, Default)]
@@ -64,13 +66,16 @@ pub struct Console {
 
 impl Console {
     /// Listens on `path` (before QEMU starts: QEMU connects at start-up) and keeps what
-    /// arrives. Needs a tokio runtime.
-    pub fn listen(path: &Path) -> Result<Console, HypervisorError> {
+    /// arrives; each line also goes to the log at trace level, as `vm <name> console: ...`
+    /// (cut at [`MAX_LOG_LINE`] bytes). Needs a tokio runtime.
+    pub fn listen(path: &Path, name: &str) -> Result<Console, HypervisorError> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).map_err(HypervisorError::io("listen on console socket", path))?;
         let ring = Arc::new(Mutex::new(Ring::new(CONSOLE_RING)));
         let r = ring.clone();
+        let name = name.to_string();
         let reader = tokio::spawn(async move {
+            let mut line: Vec<u8> = Vec::new();
             // One connection: QEMU's. It lives as long as QEMU.
             let Ok((mut s, _)) = listener.accept().await else {
                 return;
@@ -83,6 +88,16 @@ impl Console {
                     Ok(n) => {
                         if let Ok(mut ring) = r.lock() {
                             ring.push(&buf[..n]);
+                        }
+                        if log::log_enabled!(log::Level::Trace) {
+                            for &b in &buf[..n] {
+                                if b == b'\n' {
+                                    log::trace!("vm {name} console: {}", String::from_utf8_lossy(&line).trim_end());
+                                    line.clear();
+                                } else if line.len() < MAX_LOG_LINE {
+                                    line.push(b);
+                                }
+                            }
                         }
                     }
                 }
@@ -135,7 +150,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vmbox-console-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("con.sock");
-        let console = Console::listen(&path).unwrap();
+        let console = Console::listen(&path, "test").unwrap();
         let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
         let line = [b'x'; 1023];
         for _ in 0..4096 {

@@ -272,7 +272,7 @@ impl QemuVm {
             &cfg.vm.kernel_params,
         );
         let console_sock = dir.join("console.sock");
-        self.console = Some(Console::listen(&console_sock)?);
+        self.console = Some(Console::listen(&console_sock, &self.name)?);
         let qmp_sock = dir.join("qmp.sock");
         let vsock = match &self.dialer {
             Dialer::Hybrid { .. } => VsockDevice::VhostUser(&vsock_sock),

@@ -1,0 +1,387 @@
+//! Creating, starting and deleting processes: the transitions that talk to the guest.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::RwLock;
+use vmbox_oci::{to_guest, Annotations};
+use vmbox_protocol::Id;
+
+use super::process::{now, ExitInfo, Process, Status, Transition};
+use super::sandbox::{blocking, Sandbox};
+use super::seams::ContainerMounts;
+use super::{Container, Core, CreateRequest, Procs, Slot};
+use crate::agent::{GuestContainer, ProcessRef, StreamIds};
+use crate::error::ShimError;
+use crate::events::Event;
+use crate::io::{HostStdio, StdioPaths};
+use crate::timing;
+
+impl Core {
+    pub async fn create(&self, req: CreateRequest) -> Result<u32, ShimError> {
+        if !req.checkpoint.is_empty() {
+            return Err(ShimError::Unimplemented(
+                "restoring from a checkpoint is not implemented".into(),
+            ));
+        }
+        let config = self.config()?.clone();
+        let bundle = PathBuf::from(&req.bundle);
+        let spec = vmbox_oci::load_spec(&bundle)?;
+        let ann = Annotations::parse(spec.annotations().as_ref())?;
+        let guest = to_guest(&spec, req.id.as_str())?;
+        let terminal = req.stdio.terminal || spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
+        let stdio = StdioPaths {
+            terminal,
+            ..req.stdio.clone()
+        };
+        let id = req.id.clone();
+        let container = Arc::new(Container {
+            id: id.clone(),
+            bundle: req.bundle.clone(),
+            ops: RwLock::new(()),
+            procs: Mutex::new(Procs {
+                init: Process::new(Status::Creating, stdio.clone(), None),
+                execs: HashMap::new(),
+                deleted: false,
+            }),
+        });
+        // Held from before the id is visible until the container is created.
+        let _op = container
+            .ops
+            .try_write()
+            .map_err(|_| ShimError::Internal("a new container's lock is taken".into()))?;
+        {
+            let mut st = self.lock();
+            if st.containers.contains_key(&id) {
+                return Err(ShimError::AlreadyExists(format!("container {id} already exists")));
+            }
+            st.containers.insert(id.clone(), container.clone());
+        }
+        let created = async {
+            let sandbox = self.sandbox_for(&id, &ann, &config).await?;
+            let subject = format!("container={id}");
+            let pid = timing::phase(
+                &subject,
+                "create",
+                self.create_in(&sandbox, &container, &req, &spec, guest, &stdio),
+            )
+            .await?;
+            Ok::<_, ShimError>((sandbox, pid))
+        }
+        .await;
+        match created {
+            Ok((sandbox, pid)) => {
+                self.publish(Event::Create {
+                    container: id.to_string(),
+                    bundle: req.bundle.clone(),
+                    rootfs: req.rootfs.clone(),
+                    stdio,
+                    pid,
+                });
+                log::info!("container {id} created (guest pid {pid})");
+                self.watch_exit(sandbox, container.clone(), ProcessRef::init(id), pid);
+                Ok(pid)
+            }
+            Err(e) => {
+                log::warn!("create {id}: {e}");
+                let last = {
+                    let mut st = self.lock();
+                    st.containers.remove(&id);
+                    st.containers.is_empty() && matches!(st.slot, Slot::Running(_))
+                };
+                if last {
+                    log::info!("no containers left after a failed create; stopping the sandbox");
+                    self.shutdown_sandbox().await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens the host's ends of a process's stdio, then its streams to the guest.
+    pub(super) async fn open_stdio(
+        &self,
+        sandbox: &Sandbox,
+        container: &Id,
+        paths: &StdioPaths,
+    ) -> Result<(HostStdio, StreamIds, [Option<vmbox_hypervisor::Conn>; 3]), ShimError> {
+        // The host's sinks first: a bad log URI fails before the guest does anything.
+        let host = HostStdio::open(paths, container.as_str(), &self.namespace).await?;
+        let mut ids = StreamIds {
+            terminal: paths.terminal,
+            ..Default::default()
+        };
+        let mut conns = [None, None, None];
+        let wanted = [
+            !paths.stdin.is_empty(),
+            !paths.stdout.is_empty(),
+            !paths.stderr.is_empty() && !paths.terminal,
+        ];
+        for (i, want) in wanted.into_iter().enumerate() {
+            if want {
+                let (sid, c) = sandbox.stream().await?;
+                *[&mut ids.stdin, &mut ids.stdout, &mut ids.stderr][i] = sid;
+                conns[i] = Some(c);
+            }
+        }
+        Ok((host, ids, conns))
+    }
+
+    pub(super) async fn create_in(
+        &self,
+        sandbox: &Arc<Sandbox>,
+        container: &Container,
+        req: &CreateRequest,
+        spec: &oci_spec::runtime::Spec,
+        guest: vmbox_oci::GuestSpec,
+        stdio: &StdioPaths,
+    ) -> Result<u32, ShimError> {
+        let id = &container.id;
+        let mounts = ContainerMounts {
+            rootfs: req.rootfs.clone(),
+            spec_root: spec
+                .root()
+                .as_ref()
+                .map(|r| r.path().clone())
+                .unwrap_or_else(|| "rootfs".into()),
+            bundle: PathBuf::from(&req.bundle),
+            target: sandbox.layout.container_dir(id.as_str()).join("rootfs"),
+            binds: guest
+                .binds
+                .iter()
+                .map(|b| (b.source.clone(), sandbox.layout.shared.join(&b.share_rel), b.readonly))
+                .collect(),
+        };
+        let host = self.seams.host.clone();
+        let mounted = blocking(move || host.mount_container(&mounts)).await.and_then(|r| r);
+        let result = async {
+            mounted?;
+            let (host_stdio, ids, [sin, sout, serr]) = self.open_stdio(sandbox, id, stdio).await?;
+            let oci_spec = serde_json::to_vec(&guest.spec)
+                .map_err(|e| ShimError::Internal(format!("encode the guest's spec: {e}")))?;
+            let c = GuestContainer {
+                id: id.clone(),
+                oci_spec,
+                rootfs: format!("{id}/rootfs"),
+                stdio: ids,
+            };
+            match sandbox.agent.create(c).await {
+                Ok(pid) => Ok((pid, host_stdio.connect(sin, sout, serr))),
+                Err(e) => {
+                    // The guest may have created it all the same (a reply lost to a
+                    // deadline): remove it before its files go.
+                    if let Err(r) = sandbox.agent.remove(id, true).await {
+                        log::debug!("remove {id} after its failed create: {r}");
+                    }
+                    Err(e)
+                }
+            }
+        }
+        .await;
+        match result {
+            Ok((pid, io)) => container.with(|p| {
+                p.init.pid = pid;
+                p.init.io = Some(io);
+                p.init.apply(Transition::Created, &format!("container {id}"))?;
+                Ok(pid)
+            }),
+            Err(e) => {
+                sandbox.remove_container_files(id).await;
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn start(&self, p: &ProcessRef) -> Result<u32, ShimError> {
+        let subject = format!(
+            "container={} exec={}",
+            p.container,
+            p.exec.as_ref().map(|e| e.as_str()).unwrap_or("")
+        );
+        timing::phase(&subject, "start", async {
+            let _slot = self
+                .starts
+                .acquire()
+                .await
+                .map_err(|e| ShimError::Internal(format!("start queue: {e}")))?;
+            let sandbox = self.sandbox()?;
+            let c = self.container(&p.container)?;
+            match &p.exec {
+                None => self.start_init(&sandbox, &c, p).await,
+                Some(_) => self.start_exec(&sandbox, &c, p).await,
+            }
+        })
+        .await
+    }
+
+    pub(super) async fn start_init(&self, sandbox: &Sandbox, c: &Container, p: &ProcessRef) -> Result<u32, ShimError> {
+        let _op = c.ops.write().await;
+        c.with(|procs| procs.init.apply(Transition::Start, p))?;
+        match sandbox.agent.start(&c.id).await {
+            Ok(pid) => {
+                c.with(|procs| {
+                    procs.init.pid = pid;
+                    // An exit cannot be recorded while the lock is held.
+                    let _ = procs.init.apply(Transition::Started, p);
+                });
+                self.publish(Event::Start {
+                    container: c.id.to_string(),
+                    pid,
+                });
+                Ok(pid)
+            }
+            Err(e) => {
+                c.with(|procs| {
+                    let _ = procs.init.apply(Transition::StartFailed, p);
+                });
+                Err(e)
+            }
+        }
+    }
+
+    pub(super) async fn start_exec(
+        &self,
+        sandbox: &Arc<Sandbox>,
+        c: &Arc<Container>,
+        p: &ProcessRef,
+    ) -> Result<u32, ShimError> {
+        let _op = c.ops.read().await;
+        let (paths, spec) = c.with(|procs| {
+            let init_running = procs.init.status() == Status::Running;
+            let e = procs.get(p)?;
+            if !init_running {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "container {} is not running",
+                    p.container
+                )));
+            }
+            e.apply(Transition::Start, p)?;
+            Ok((e.stdio.clone(), e.spec.clone().unwrap_or_default()))
+        })?;
+        let started = async {
+            let (host, ids, [sin, sout, serr]) = self.open_stdio(sandbox, &p.container, &paths).await?;
+            let pid = sandbox.agent.exec(p, spec, ids).await?;
+            Ok::<_, ShimError>((pid, host.connect(sin, sout, serr)))
+        }
+        .await;
+        match started {
+            Ok((pid, io)) => {
+                c.with(|procs| {
+                    if let Ok(e) = procs.get(p) {
+                        e.pid = pid;
+                        e.io = Some(io);
+                        let _ = e.apply(Transition::Started, p);
+                    }
+                });
+                self.publish(Event::ExecStarted {
+                    container: p.container.to_string(),
+                    exec: p.event_id(),
+                    pid,
+                });
+                self.watch_exit(sandbox.clone(), c.clone(), p.clone(), pid);
+                Ok(pid)
+            }
+            Err(e) => {
+                c.with(|procs| {
+                    if let Ok(e) = procs.get(p) {
+                        let _ = e.apply(Transition::StartFailed, p);
+                    }
+                });
+                Err(e)
+            }
+        }
+    }
+
+    /// Registers an exec (`process`: its OCI process, JSON); started by [`Core::start`].
+    pub fn exec(&self, p: &ProcessRef, process: Vec<u8>, stdio: StdioPaths) -> Result<(), ShimError> {
+        let Some(exec) = &p.exec else {
+            return Err(ShimError::Invalid("exec_id: empty".into()));
+        };
+        serde_json::from_slice::<oci_spec::runtime::Process>(&process)
+            .map_err(|e| ShimError::Invalid(format!("exec {exec} process spec: {e}")))?;
+        let c = self.container(&p.container)?;
+        c.with(|procs| {
+            if procs.execs.contains_key(exec) {
+                return Err(ShimError::AlreadyExists(format!("{p} already exists")));
+            }
+            if procs.init.status() != Status::Running {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "container {} is not running",
+                    p.container
+                )));
+            }
+            procs
+                .execs
+                .insert(exec.clone(), Process::new(Status::Created, stdio, Some(process)));
+            Ok(())
+        })?;
+        self.publish(Event::ExecAdded {
+            container: p.container.to_string(),
+            exec: exec.to_string(),
+        });
+        Ok(())
+    }
+
+    pub async fn kill(&self, p: &ProcessRef, signal: u32, all: bool) -> Result<(), ShimError> {
+        let sandbox = self.sandbox()?;
+        let c = self.container(&p.container)?;
+        let exited = c.with(|procs| procs.get(p).map(|e| e.exit().is_some()))?;
+        if exited && !all {
+            return Err(ShimError::NotFound("process already finished".into()));
+        }
+        sandbox.agent.signal(p, signal, all).await
+    }
+
+    /// Deletes a process; returns its pid and exit.
+    pub async fn delete(&self, p: &ProcessRef) -> Result<(u32, ExitInfo), ShimError> {
+        let c = self.container(&p.container)?;
+        if p.exec.is_some() {
+            let _op = c.ops.read().await;
+            let gone = c.with(|procs| {
+                procs.get(p)?.apply(Transition::Delete, p)?;
+                Ok::<_, ShimError>(p.exec.as_ref().and_then(|e| procs.execs.remove(e)))
+            })?;
+            let gone = gone.ok_or_else(|| ShimError::NotFound(format!("{p} not found")))?;
+            let exit = gone.exit().unwrap_or(ExitInfo { status: 0, at: now() });
+            return Ok((gone.pid, exit));
+        }
+        timing::phase(
+            &format!("container={}", p.container),
+            "teardown",
+            self.delete_init(&c, p),
+        )
+        .await
+    }
+
+    pub(super) async fn delete_init(&self, c: &Container, p: &ProcessRef) -> Result<(u32, ExitInfo), ShimError> {
+        let _op = c.ops.write().await;
+        let pid = c.with(|procs| procs.init.apply(Transition::Delete, p).map(|_| procs.init.pid))?;
+        let sandbox = self.sandbox();
+        if let Ok(s) = &sandbox {
+            if let Err(e) = s.agent.remove(&c.id, true).await {
+                log::warn!("remove {} in the guest: {e}", c.id);
+            }
+        }
+        let exit = c.with(|procs| {
+            procs.deleted = true;
+            procs.init.exit()
+        });
+        let last = self.remove_container(&c.id);
+        if let Ok(s) = &sandbox {
+            s.remove_container_files(&c.id).await;
+        }
+        let exit = exit.unwrap_or(ExitInfo { status: 137, at: now() });
+        self.publish(Event::Delete {
+            container: c.id.to_string(),
+            pid,
+            status: exit.status,
+            at: exit.at.clone(),
+        });
+        if last {
+            log::info!("last container deleted; shutting the sandbox down");
+            self.shutdown_sandbox().await;
+        }
+        Ok((pid, exit))
+    }
+}
