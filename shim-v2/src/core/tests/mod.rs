@@ -1,5 +1,7 @@
-//! The core against fakes (no VM, milliseconds each): every transition, and the races
-//! between requests the core must survive.
+//! The core against fakes (no VM, milliseconds each): every transition here, the races
+//! between requests the core must survive in `races.rs`.
+
+mod races;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,22 +16,22 @@ use crate::error::ShimError;
 use crate::events::Event;
 use crate::io::StdioPaths;
 
-fn id(s: &str) -> Id {
+pub(super) fn id(s: &str) -> Id {
     Id::parse("id", s).unwrap()
 }
 
-fn init(c: &str) -> ProcessRef {
+pub(super) fn init(c: &str) -> ProcessRef {
     ProcessRef::init(id(c))
 }
 
-fn exec(c: &str, e: &str) -> ProcessRef {
+pub(super) fn exec(c: &str, e: &str) -> ProcessRef {
     ProcessRef {
         container: id(c),
         exec: Some(id(e)),
     }
 }
 
-fn create_req(rig: &Rig, c: &str) -> CreateRequest {
+pub(super) fn create_req(rig: &Rig, c: &str) -> CreateRequest {
     CreateRequest {
         id: id(c),
         bundle: rig.bundle.display().to_string(),
@@ -39,17 +41,17 @@ fn create_req(rig: &Rig, c: &str) -> CreateRequest {
     }
 }
 
-const PROCESS: &[u8] = br#"{"cwd":"/","args":["true"],"user":{"uid":0,"gid":0}}"#;
+pub(super) const PROCESS: &[u8] = br#"{"cwd":"/","args":["true"],"user":{"uid":0,"gid":0}}"#;
 
-fn code(e: &ShimError) -> ttrpc::Code {
+pub(super) fn code(e: &ShimError) -> ttrpc::Code {
     e.code()
 }
 
-fn is_exit(e: &Event) -> bool {
+pub(super) fn is_exit(e: &Event) -> bool {
     matches!(e, Event::Exit { .. })
 }
 
-async fn running(rig: &Rig, c: &str) {
+pub(super) async fn running(rig: &Rig, c: &str) {
     rig.core.create(create_req(rig, c)).await.unwrap();
     rig.core.start(&init(c)).await.unwrap();
 }
@@ -105,46 +107,6 @@ async fn a_double_start_is_a_failed_precondition() {
 }
 
 #[tokio::test]
-async fn concurrent_starts_start_once() {
-    let rig = Rig::new();
-    rig.core.create(create_req(&rig, "a")).await.unwrap();
-    rig.guest().start_gate.close();
-    let core = rig.core.clone();
-    let first = tokio::spawn(async move { core.start(&init("a")).await });
-    rig.guest().start_gate.reached().await;
-    let core = rig.core.clone();
-    let second = tokio::spawn(async move { core.start(&init("a")).await });
-    rig.guest().start_gate.open();
-    first.await.unwrap().unwrap();
-    // The second waited for the first's transition, then found the container started.
-    let e = second.await.unwrap().unwrap_err();
-    assert_eq!(code(&e), ttrpc::Code::FAILED_PRECONDITION, "{e}");
-}
-
-#[tokio::test]
-async fn delete_while_start_is_in_flight_waits_and_is_refused() {
-    let rig = Rig::new();
-    rig.core.create(create_req(&rig, "a")).await.unwrap();
-    rig.guest().start_gate.close();
-    let core = rig.core.clone();
-    let start = tokio::spawn(async move { core.start(&init("a")).await });
-    rig.guest().start_gate.reached().await;
-    let core = rig.core.clone();
-    let delete = tokio::spawn(async move { core.delete(&init("a")).await });
-    // Starting is visible to readers while the start is in flight.
-    assert_eq!(rig.core.state(&init("a")).unwrap().status, Status::Starting);
-    rig.guest().start_gate.open();
-    start.await.unwrap().unwrap();
-    let e = delete.await.unwrap().unwrap_err();
-    assert_eq!(code(&e), ttrpc::Code::FAILED_PRECONDITION, "{e}");
-    assert_eq!(
-        rig.guest().containers.lock().unwrap().get("a"),
-        Some(&true),
-        "the started container is intact"
-    );
-}
-
-#[tokio::test]
 async fn a_running_container_is_not_deleted() {
     let rig = Rig::new();
     running(&rig, "a").await;
@@ -156,58 +118,6 @@ async fn a_running_container_is_not_deleted() {
     rig.core.start(&exec("a", "e")).await.unwrap();
     let e = rig.core.delete(&exec("a", "e")).await.unwrap_err();
     assert_eq!(code(&e), ttrpc::Code::FAILED_PRECONDITION, "{e}");
-}
-
-#[tokio::test]
-async fn create_racing_the_last_delete_keeps_the_vm() {
-    let rig = Rig::new();
-    rig.core.create(create_req(&rig, "a")).await.unwrap();
-    rig.guest().create_gate.close();
-    let core = rig.core.clone();
-    let req = create_req(&rig, "b");
-    let b = tokio::spawn(async move { core.create(req).await });
-    rig.guest().create_gate.reached().await;
-    // "a" is the last *created* container, but "b" is in flight in the same VM.
-    rig.core.delete(&init("a")).await.unwrap();
-    assert!(
-        !rig.hv.vm(0).stopped.load(Ordering::SeqCst),
-        "a create in flight keeps the VM"
-    );
-    rig.guest().create_gate.open();
-    b.await.unwrap().unwrap();
-    assert_eq!(rig.hv.booted(), 1);
-    assert!(rig.guest().containers.lock().unwrap().contains_key("b"));
-}
-
-#[tokio::test]
-async fn the_vm_dying_mid_exec_ends_each_process_once_with_255() {
-    let mut rig = Rig::new();
-    running(&rig, "a").await;
-    rig.core
-        .exec(&exec("a", "e1"), PROCESS.to_vec(), StdioPaths::default())
-        .unwrap();
-    rig.core.start(&exec("a", "e1")).await.unwrap();
-    rig.core
-        .exec(&exec("a", "e2"), PROCESS.to_vec(), StdioPaths::default())
-        .unwrap();
-    rig.hv.vm(0).die();
-    assert_eq!(rig.core.wait(&init("a")).await.unwrap().status, 255);
-    assert_eq!(rig.core.wait(&exec("a", "e1")).await.unwrap().status, 255);
-    // e2 never started: no exit, and it cannot start now.
-    assert!(rig.core.start(&exec("a", "e2")).await.is_err());
-    rig.core.delete(&exec("a", "e2")).await.unwrap();
-    rig.core.delete(&init("a")).await.unwrap();
-    let events = rig.events_until(|e| matches!(e, Event::Delete { .. })).await;
-    let exits: Vec<(String, u32)> = events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Exit { id, status, .. } => Some((id.clone(), *status)),
-            _ => None,
-        })
-        .collect();
-    let mut sorted = exits.clone();
-    sorted.sort();
-    assert_eq!(sorted, [("a".to_string(), 255), ("e1".to_string(), 255)], "{events:?}");
 }
 
 #[tokio::test]
@@ -264,68 +174,6 @@ async fn the_only_container_failing_to_create_stops_the_vm() {
 }
 
 #[tokio::test]
-async fn task_exit_never_precedes_task_start() {
-    let mut rig = Rig::new();
-    rig.core.create(create_req(&rig, "a")).await.unwrap();
-    assert!(matches!(rig.event().await, Event::Create { .. }));
-    rig.guest().start_gate.close();
-    let core = rig.core.clone();
-    let start = tokio::spawn(async move { core.start(&init("a")).await });
-    rig.guest().start_gate.reached().await;
-    // The process exits while its start is still in flight (a fast `true`).
-    rig.guest().exit(&init("a"), 0);
-    rig.guest().start_gate.open();
-    start.await.unwrap().unwrap();
-    assert!(matches!(rig.event().await, Event::Start { .. }));
-    assert!(matches!(rig.event().await, Event::Exit { .. }));
-}
-
-#[tokio::test]
-async fn task_exit_of_an_exec_follows_its_exec_started() {
-    let mut rig = Rig::new();
-    running(&rig, "a").await;
-    rig.guest().execs_exit_at_once.store(true, Ordering::SeqCst);
-    for i in 0..20 {
-        let e = format!("e{i}");
-        rig.core
-            .exec(&exec("a", &e), PROCESS.to_vec(), StdioPaths::default())
-            .unwrap();
-        rig.core.start(&exec("a", &e)).await.unwrap();
-    }
-    let mut started = std::collections::HashSet::new();
-    let mut exited = 0;
-    while exited < 20 {
-        match rig.event().await {
-            Event::ExecStarted { exec, .. } => {
-                started.insert(exec);
-            }
-            Event::Exit { id, .. } => {
-                assert!(started.contains(&id), "TaskExit of {id} before its TaskExecStarted");
-                exited += 1;
-            }
-            _ => {}
-        }
-    }
-}
-
-#[tokio::test]
-async fn a_duplicate_id_is_refused_even_while_the_first_is_in_flight() {
-    let rig = Rig::new();
-    running(&rig, "pause").await;
-    rig.guest().create_gate.close();
-    let core = rig.core.clone();
-    let req = create_req(&rig, "a");
-    let first = tokio::spawn(async move { core.create(req).await });
-    rig.guest().create_gate.reached().await;
-    let e = rig.core.create(create_req(&rig, "a")).await.unwrap_err();
-    assert_eq!(code(&e), ttrpc::Code::ALREADY_EXISTS, "{e}");
-    rig.guest().create_gate.open();
-    first.await.unwrap().unwrap();
-    let e = rig.core.create(create_req(&rig, "a")).await.unwrap_err();
-    assert_eq!(code(&e), ttrpc::Code::ALREADY_EXISTS, "{e}");
-}
-
-#[tokio::test]
 async fn killing_a_finished_process_is_not_found() {
     let rig = Rig::new();
     running(&rig, "a").await;
@@ -352,73 +200,6 @@ async fn unknown_containers_and_execs_are_not_found() {
     ] {
         assert_eq!(code(&e), ttrpc::Code::NOT_FOUND, "{e}");
     }
-}
-
-#[tokio::test]
-async fn a_shutdown_during_the_boot_does_not_wait_for_it() {
-    let rig = Rig::new();
-    rig.hv.boot_gate.close();
-    let core = rig.core.clone();
-    let req = create_req(&rig, "a");
-    let create = tokio::spawn(async move { core.create(req).await });
-    rig.hv.boot_gate.reached().await;
-    tokio::time::timeout(std::time::Duration::from_secs(2), rig.core.shutdown_sandbox())
-        .await
-        .expect("the shutdown waited for the boot");
-    let e = create.await.unwrap().unwrap_err();
-    assert_eq!(code(&e), ttrpc::Code::FAILED_PRECONDITION, "{e}");
-    assert_eq!(
-        rig.hv.cleanups.lock().unwrap().len(),
-        1,
-        "the abandoned VM's run directory is cleaned"
-    );
-    assert!(rig.host.sandboxes.lock().unwrap().is_empty());
-}
-
-#[tokio::test]
-async fn a_failed_boot_fails_every_waiting_create_and_the_next_create_boots_again() {
-    let rig = Rig::new();
-    rig.hv.fail_boot.store(true, Ordering::SeqCst);
-    rig.hv.boot_gate.close();
-    let mut creates = Vec::new();
-    for c in ["a", "b", "c"] {
-        let core = rig.core.clone();
-        let req = create_req(&rig, c);
-        creates.push(tokio::spawn(async move { core.create(req).await }));
-    }
-    rig.hv.boot_gate.reached().await;
-    rig.hv.boot_gate.open();
-    for c in creates {
-        let e = c.await.unwrap().unwrap_err();
-        assert!(e.to_string().contains("injected boot failure"), "{e}");
-    }
-    assert!(rig.core.is_empty());
-    rig.hv.fail_boot.store(false, Ordering::SeqCst);
-    rig.core.create(create_req(&rig, "a")).await.unwrap();
-    assert_eq!(rig.hv.booted(), 1);
-}
-
-#[tokio::test]
-async fn concurrent_creates_share_one_boot() {
-    let rig = Rig::new();
-    rig.hv.boot_gate.close();
-    let mut creates = Vec::new();
-    for c in ["a", "b", "c", "d"] {
-        let core = rig.core.clone();
-        let req = create_req(&rig, c);
-        creates.push(tokio::spawn(async move { core.create(req).await }));
-    }
-    rig.hv.boot_gate.reached().await;
-    // Requests are served during the boot (no lock is held across it).
-    assert_eq!(rig.core.state(&init("a")).unwrap().status, Status::Creating);
-    let e = rig.core.state(&init("zz")).unwrap_err();
-    assert_eq!(code(&e), ttrpc::Code::NOT_FOUND);
-    rig.hv.boot_gate.open();
-    for c in creates {
-        c.await.unwrap().unwrap();
-    }
-    assert_eq!(rig.hv.booted(), 1);
-    assert_eq!(rig.guest().containers.lock().unwrap().len(), 4);
 }
 
 #[tokio::test]
