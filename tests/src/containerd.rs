@@ -219,9 +219,14 @@ impl Containerd {
 
     /// Waits (bounded) until sandbox `id` left nothing behind; returns what is left.
     pub fn wait_clean(&self, id: &str) -> Vec<String> {
+        self.wait_clean_of(&vmbox_config::SandboxPaths::new(&self.state_dir, "default", id), id)
+    }
+
+    /// [`Containerd::wait_clean`] for the sandbox at `paths`.
+    pub fn wait_clean_of(&self, paths: &vmbox_config::SandboxPaths, id: &str) -> Vec<String> {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let left = self.leftovers(id);
+            let left = self.leftovers_of(paths, id);
             if left.is_empty() || std::time::Instant::now() > deadline {
                 return left;
             }
@@ -304,19 +309,53 @@ impl Containerd {
     /// Kills, deletes and removes container `id`, then asserts nothing of it is left
     /// (processes, mounts, state, and the shim's socket once the shim is gone).
     pub fn remove(&self, id: &str) {
+        let paths = vmbox_config::SandboxPaths::new(&self.state_dir, "default", id);
+        self.remove_in("default", id, &paths)
+    }
+
+    /// [`Containerd::remove`] in namespace `ns`, for the sandbox at `paths`.
+    pub fn remove_in(&self, ns: &str, id: &str, paths: &vmbox_config::SandboxPaths) {
         let socket = self.shim_socket(id);
-        let _ = self.ctr(&["task", "kill", "-s", "KILL", id]);
+        let _ = self.ctr(&["-n", ns, "task", "kill", "-s", "KILL", id]);
         wait_for(&format!("task delete {id}"), Duration::from_secs(30), || {
-            let out = self.ctr(&["task", "delete", id]);
+            let out = self.ctr(&["-n", ns, "task", "delete", id]);
             out.status.success() || text(&out.stderr).contains("not found")
         });
-        ok(&self.ctr(&["container", "rm", id]), &format!("container rm {id}"));
-        let left = self.wait_clean(id);
+        ok(
+            &self.ctr(&["-n", ns, "container", "rm", id]),
+            &format!("container rm {id}"),
+        );
+        let left = self.wait_clean_of(paths, id);
         assert!(left.is_empty(), "{id} left: {left:#?}");
         if let Some(socket) = socket {
             if crate::processes_mentioning(&socket).is_empty() {
                 assert!(!Path::new(&socket).exists(), "shim socket {socket} left behind");
             }
         }
+    }
+
+    /// Runs `sh -c 'stty size; tty'` as exec `exec_id` of `id` (in namespace `ns`) with a
+    /// 21x77 terminal and asserts the process saw that terminal.
+    pub fn assert_exec_t_sees_its_terminal(&self, ns: &str, id: &str, exec_id: &str) {
+        let args = [
+            "-n",
+            ns,
+            "task",
+            "exec",
+            "-t",
+            "--exec-id",
+            exec_id,
+            id,
+            "sh",
+            "-c",
+            "'stty size; tty'",
+        ];
+        let tty = self.ctr_tty(&args, 21, 77);
+        let screen = text(&tty.stdout);
+        assert!(
+            screen.contains("21 77") && screen.contains("/dev/pts/"),
+            "exec -t output: {screen:?}; stderr: {}",
+            text(&tty.stderr)
+        );
     }
 }

@@ -55,26 +55,7 @@ fn a_detached_container_supports_the_task_commands() {
         (Some(6), "out\n".into(), "err\n".into())
     );
 
-    let tty = c.ctr_tty(
-        &[
-            "task",
-            "exec",
-            "-t",
-            "--exec-id",
-            "x3",
-            id,
-            "sh",
-            "-c",
-            "'stty size; tty'",
-        ],
-        21,
-        77,
-    );
-    let screen = text(&tty.stdout);
-    assert!(
-        screen.contains("21 77") && screen.contains("/dev/pts/"),
-        "exec -t output: {screen:?}"
-    );
+    c.assert_exec_t_sees_its_terminal("default", id, "x3");
 
     let ps = ok(&c.ctr(&["task", "ps", id]), "ctr task ps");
     assert!(ps.lines().count() >= 3, "init shell and sleep expected: {ps}");
@@ -438,29 +419,7 @@ fn exec_t_works_with_kubernetes_ids_a_76_character_namespace_and_a_long_state_di
     std::fs::write(&c.config_path, &good).unwrap();
     ok(&run, "ctr run -d with a 64-hex id in a 76-character namespace");
 
-    let tty = c.ctr_tty(
-        &[
-            "-n",
-            &ns,
-            "task",
-            "exec",
-            "-t",
-            "--exec-id",
-            &exec_id,
-            &id,
-            "sh",
-            "-c",
-            "'stty size; tty'",
-        ],
-        21,
-        77,
-    );
-    let screen = text(&tty.stdout);
-    assert!(
-        screen.contains("21 77") && screen.contains("/dev/pts/"),
-        "exec -t with 64-hex ids: {screen:?} {}",
-        text(&tty.stderr)
-    );
+    c.assert_exec_t_sees_its_terminal(&ns, &id, &exec_id);
     let paths = vmbox_config::SandboxPaths::new(&state_dir, &ns, &id);
     let sockets: Vec<String> = std::fs::read_dir(&paths.run_dir)
         .expect("the VM's run directory")
@@ -473,30 +432,7 @@ fn exec_t_works_with_kubernetes_ids_a_76_character_namespace_and_a_long_state_di
         assert!(s.len() <= 107, "{s}: {} bytes", s.len());
     }
 
-    let _ = c.ctr(&["-n", &ns, "task", "kill", "-s", "KILL", &id]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let out = c.ctr(&["-n", &ns, "task", "delete", &id]);
-        if out.status.success() || text(&out.stderr).contains("not found") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "task delete: {}",
-            text(&out.stderr)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    ok(&c.ctr(&["-n", &ns, "container", "rm", &id]), "container rm");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let left = c.leftovers_of(&paths, &id);
-        if left.is_empty() {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "left behind: {left:#?}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    c.remove_in(&ns, &id, &paths);
     let _ = c.ctr(&["-n", &ns, "image", "rm", IMAGE]);
 }
 
