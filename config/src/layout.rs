@@ -1,8 +1,9 @@
 //! Where a sandbox's files live on the host, below `state_dir`.
 //!
-//! - `<state_dir>/<namespace>/<sandbox id>/`: the shim's `shim.pid` and `shared/` (the
+//! - `<state_dir>/sandbox/<namespace>/<sandbox id>/`: the shim's `shim.pid` and `shared/` (the
 //!   containers' rootfs and binds, exported over virtio-fs). Namespace and id are path
-//!   components of their own, so no two pairs share a directory (`a-b`/`c` vs `a`/`b-c`).
+//!   components of their own, so no two pairs share a directory (`a-b`/`c` vs `a`/`b-c`),
+//!   and no namespace can reach the VMs' directories.
 //! - `<state_dir>/vm/<16 hex digits>/`: the VM's run directory, holding its sockets. It is
 //!   named by a hash of namespace and id, so its length does not grow with them: socket
 //!   paths must fit `sun_path` (107 bytes) with 64-hex ids and 76-character namespaces.
@@ -24,7 +25,7 @@ pub const MAX_STATE_DIR_LEN: usize = MAX_RUN_DIR_LEN - "/vm/0123456789abcdef".le
 /// The host paths of one sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxPaths {
-    /// `<state_dir>/<namespace>/<sandbox id>`.
+    /// `<state_dir>/sandbox/<namespace>/<sandbox id>`.
     pub dir: PathBuf,
     /// `<dir>/shared`: exported to the guest.
     pub shared: PathBuf,
@@ -34,7 +35,7 @@ pub struct SandboxPaths {
 
 impl SandboxPaths {
     pub fn new(state_dir: &Path, namespace: &str, sandbox_id: &str) -> SandboxPaths {
-        let dir = state_dir.join(namespace).join(sandbox_id);
+        let dir = state_dir.join("sandbox").join(namespace).join(sandbox_id);
         let mut h = Sha256::new();
         h.update(namespace.as_bytes());
         h.update(b"\0");
@@ -68,7 +69,12 @@ mod tests {
         let b = SandboxPaths::new(Path::new("/run/vmbox"), "a", "b-c");
         assert_ne!(a.dir, b.dir);
         assert_ne!(a.run_dir, b.run_dir);
-        assert_eq!(a.dir, Path::new("/run/vmbox/a-b/c"));
+        assert_eq!(a.dir, Path::new("/run/vmbox/sandbox/a-b/c"));
+        let vm = SandboxPaths::new(Path::new("/run/vmbox"), "vm", "0123456789abcdef");
+        assert!(
+            !vm.dir.starts_with("/run/vmbox/vm"),
+            "a namespace named vm stays out of the VMs' directories"
+        );
     }
 
     #[test]

@@ -19,8 +19,11 @@ pub fn graceful_on_sigterm(core: Arc<Core>, exit: Arc<ExitSignal>) {
             _ = int.recv() => log::info!("SIGINT: graceful shutdown"),
         }
         let sandbox = core.current_sandbox();
+        // In a task of its own: a second signal must not leave the slot half shut down.
+        let c = core.clone();
+        let graceful = tokio::spawn(async move { c.shutdown_sandbox().await });
         tokio::select! {
-            _ = core.shutdown_sandbox() => {}
+            _ = graceful => {}
             _ = async { tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} } } => {
                 log::warn!("second signal: stopping the VM hard");
                 if let Some(s) = sandbox.or_else(|| core.current_sandbox()) {

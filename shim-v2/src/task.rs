@@ -35,6 +35,18 @@ impl TaskService {
     }
 }
 
+/// Runs a request on the core in a task of its own. ttrpc drops a request's future when
+/// containerd's deadline passes; a transition cut half-way would leave a process in an
+/// in-between state (Creating, Starting, Deleting) for ever. In its own task it finishes,
+/// and the next request finds a settled state.
+async fn detached<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, ShimError>> + Send + 'static,
+) -> Result<T, ShimError> {
+    tokio::spawn(f)
+        .await
+        .map_err(|e| ShimError::Internal(format!("request task: {e}")))?
+}
+
 fn id(field: &'static str, value: &str) -> Result<Id, ShimError> {
     Ok(Id::parse(field, value)?)
 }
@@ -112,7 +124,8 @@ impl Task for TaskService {
                 stdio: stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal),
                 checkpoint: req.checkpoint.clone(),
             };
-            let pid = self.core.create(create).await?;
+            let core = self.core.clone();
+            let pid = detached(async move { core.create(create).await }).await?;
             Ok(CreateTaskResponse {
                 pid,
                 ..Default::default()
@@ -123,7 +136,8 @@ impl Task for TaskService {
 
     async fn start(&self, _: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
         let r = async {
-            let pid = self.core.start(&process(&req.id, &req.exec_id)?).await?;
+            let (core, p) = (self.core.clone(), process(&req.id, &req.exec_id)?);
+            let pid = detached(async move { core.start(&p).await }).await?;
             Ok(StartResponse {
                 pid,
                 ..Default::default()
@@ -134,7 +148,8 @@ impl Task for TaskService {
 
     async fn delete(&self, _: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
         let r = async {
-            let (pid, exit) = self.core.delete(&process(&req.id, &req.exec_id)?).await?;
+            let (core, p) = (self.core.clone(), process(&req.id, &req.exec_id)?);
+            let (pid, exit) = detached(async move { core.delete(&p).await }).await?;
             Ok(DeleteResponse {
                 pid,
                 exit_status: exit.status,
@@ -163,12 +178,22 @@ impl Task for TaskService {
     }
 
     async fn pause(&self, _: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
-        let r = async { self.core.pause(&id("id", &req.id)?, true).await.map(|_| Empty::new()) };
+        let r = async {
+            let (core, id) = (self.core.clone(), id("id", &req.id)?);
+            detached(async move { core.pause(&id, true).await })
+                .await
+                .map(|_| Empty::new())
+        };
         reply("pause", r.await)
     }
 
     async fn resume(&self, _: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
-        let r = async { self.core.pause(&id("id", &req.id)?, false).await.map(|_| Empty::new()) };
+        let r = async {
+            let (core, id) = (self.core.clone(), id("id", &req.id)?);
+            detached(async move { core.pause(&id, false).await })
+                .await
+                .map(|_| Empty::new())
+        };
         reply("resume", r.await)
     }
 
@@ -274,8 +299,9 @@ impl Task for TaskService {
 
     async fn shutdown(&self, _: &TtrpcContext, _: ShutdownRequest) -> TtrpcResult<Empty> {
         // containerd asks after every Delete; the shim stays while it serves a container.
-        if self.core.is_empty() {
-            self.core.shutdown_sandbox().await;
+        let core = self.core.clone();
+        // In a task of its own: a Shutdown containerd gives up on still finishes.
+        if let Ok(true) = tokio::spawn(async move { core.shutdown_if_empty().await }).await {
             self.exit.signal();
         }
         Ok(Empty::new())
@@ -301,6 +327,27 @@ mod tests {
             assert_eq!(err.code(), ttrpc::Code::INVALID_ARGUMENT, "{err}");
             assert!(err.to_string().starts_with(field), "{err}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_request_containerd_gives_up_on_still_finishes() {
+        let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let g = gate.clone();
+        let request = detached(async move {
+            g.notified().await;
+            let _ = tx.send(());
+            Ok(())
+        });
+        // containerd's deadline: ttrpc drops the request's future.
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(20), request)
+            .await
+            .is_err());
+        gate.notify_one();
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx)
+            .await
+            .expect("the transition finished after its request was dropped")
+            .unwrap();
     }
 
     #[test]

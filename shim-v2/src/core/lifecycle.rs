@@ -11,7 +11,8 @@ use vmbox_protocol::Id;
 use super::process::{now, ExitInfo, Process, Status, Transition};
 use super::sandbox::{blocking, Sandbox};
 use super::seams::ContainerMounts;
-use super::{Container, Core, CreateRequest, Procs, Slot};
+use super::slot::ShutdownJob;
+use super::{Container, Core, CreateRequest, Procs};
 use crate::agent::{GuestContainer, ProcessRef, StreamIds};
 use crate::error::ShimError;
 use crate::events::Event;
@@ -85,15 +86,11 @@ impl Core {
             }
             Err(e) => {
                 log::warn!("create {id}: {e}");
-                let last = {
-                    let mut st = self.lock();
-                    st.containers.remove(&id);
-                    st.containers.is_empty() && matches!(st.slot, Slot::Running(_))
-                };
-                if last {
+                let job = self.forget(&container, false);
+                if !matches!(job, ShutdownJob::Nothing) {
                     log::info!("no containers left after a failed create; stopping the sandbox");
-                    self.shutdown_sandbox().await;
                 }
+                self.finish_shutdown(job).await;
                 Err(e)
             }
         }
@@ -205,8 +202,8 @@ impl Core {
                 .acquire()
                 .await
                 .map_err(|e| ShimError::Internal(format!("start queue: {e}")))?;
-            let sandbox = self.sandbox()?;
             let c = self.container(&p.container)?;
+            let sandbox = self.sandbox()?;
             match &p.exec {
                 None => self.start_init(&sandbox, &c, p).await,
                 Some(_) => self.start_exec(&sandbox, &c, p).await,
@@ -215,8 +212,14 @@ impl Core {
         .await
     }
 
-    pub(super) async fn start_init(&self, sandbox: &Sandbox, c: &Container, p: &ProcessRef) -> Result<u32, ShimError> {
+    pub(super) async fn start_init(
+        &self,
+        sandbox: &Sandbox,
+        c: &Arc<Container>,
+        p: &ProcessRef,
+    ) -> Result<u32, ShimError> {
         let _op = c.ops.write().await;
+        self.still_registered(c)?;
         c.with(|procs| procs.init.apply(Transition::Start, p))?;
         match sandbox.agent.start(&c.id).await {
             Ok(pid) => {
@@ -247,6 +250,8 @@ impl Core {
         p: &ProcessRef,
     ) -> Result<u32, ShimError> {
         let _op = c.ops.read().await;
+        // An exec's own lock orders its Start and its Delete.
+        let _exec = c.with(|procs| procs.get(p).map(|e| e.op.clone()))?.lock_owned().await;
         let (paths, spec) = c.with(|procs| {
             let init_running = procs.init.status() == Status::Running;
             let e = procs.get(p)?;
@@ -324,8 +329,8 @@ impl Core {
     }
 
     pub async fn kill(&self, p: &ProcessRef, signal: u32, all: bool) -> Result<(), ShimError> {
-        let sandbox = self.sandbox()?;
         let c = self.container(&p.container)?;
+        let sandbox = self.sandbox()?;
         let exited = c.with(|procs| procs.get(p).map(|e| e.exit().is_some()))?;
         if exited && !all {
             return Err(ShimError::NotFound("process already finished".into()));
@@ -338,6 +343,7 @@ impl Core {
         let c = self.container(&p.container)?;
         if p.exec.is_some() {
             let _op = c.ops.read().await;
+            let _exec = c.with(|procs| procs.get(p).map(|e| e.op.clone()))?.lock_owned().await;
             let gone = c.with(|procs| {
                 procs.get(p)?.apply(Transition::Delete, p)?;
                 Ok::<_, ShimError>(p.exec.as_ref().and_then(|e| procs.execs.remove(e)))
@@ -354,8 +360,9 @@ impl Core {
         .await
     }
 
-    pub(super) async fn delete_init(&self, c: &Container, p: &ProcessRef) -> Result<(u32, ExitInfo), ShimError> {
+    pub(super) async fn delete_init(&self, c: &Arc<Container>, p: &ProcessRef) -> Result<(u32, ExitInfo), ShimError> {
         let _op = c.ops.write().await;
+        self.still_registered(c)?;
         let pid = c.with(|procs| procs.init.apply(Transition::Delete, p).map(|_| procs.init.pid))?;
         let sandbox = self.sandbox();
         if let Ok(s) = &sandbox {
@@ -367,7 +374,7 @@ impl Core {
             procs.deleted = true;
             procs.init.exit()
         });
-        let last = self.remove_container(&c.id);
+        let shutdown = self.forget(c, true);
         if let Ok(s) = &sandbox {
             s.remove_container_files(&c.id).await;
         }
@@ -378,10 +385,10 @@ impl Core {
             status: exit.status,
             at: exit.at.clone(),
         });
-        if last {
+        if !matches!(shutdown, ShutdownJob::Nothing) {
             log::info!("last container deleted; shutting the sandbox down");
-            self.shutdown_sandbox().await;
         }
+        self.finish_shutdown(shutdown).await;
         Ok((pid, exit))
     }
 }

@@ -60,6 +60,9 @@ enum Slot {
         ready: watch::Receiver<BootOutcome>,
         abort: AbortHandle,
         layout: Layout,
+        /// Set (under [`slot::HOST_SETUP`]) when the boot is abandoned: a host setup that
+        /// has not run yet then does nothing.
+        abandoned: Arc<std::sync::atomic::AtomicBool>,
     },
     Running(Arc<Sandbox>),
     ShuttingDown {
@@ -185,6 +188,15 @@ impl Core {
             .ok_or_else(|| ShimError::NotFound(format!("container {id} not found")))
     }
 
+    /// NotFound unless `c` is still the container registered under its id (a request that
+    /// waited for its lock may find it gone: a failed create, a shutdown).
+    fn still_registered(&self, c: &Arc<Container>) -> Result<(), ShimError> {
+        match self.lock().containers.get(&c.id) {
+            Some(x) if Arc::ptr_eq(x, c) => Ok(()),
+            _ => Err(ShimError::NotFound(format!("container {} not found", c.id))),
+        }
+    }
+
     /// The sandbox running now or being shut down (for a hard stop).
     pub fn current_sandbox(&self) -> Option<Arc<Sandbox>> {
         match &self.lock().slot {
@@ -195,6 +207,7 @@ impl Core {
     }
 
     /// Whether no container is left (Create reservations count).
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.lock().containers.is_empty()
     }
@@ -226,9 +239,10 @@ impl Core {
     }
 
     pub async fn pause(&self, id: &Id, pause: bool) -> Result<(), ShimError> {
-        let sandbox = self.sandbox()?;
         let c = self.container(id)?;
+        let sandbox = self.sandbox()?;
         let _op = c.ops.write().await;
+        self.still_registered(&c)?;
         let t = if pause { Transition::Pause } else { Transition::Resume };
         let p = ProcessRef::init(id.clone());
         // Checked first, applied once the guest did it (nothing else moves while the lock is held).
@@ -252,29 +266,29 @@ impl Core {
     }
 
     pub async fn pids(&self, id: &Id) -> Result<Vec<u32>, ShimError> {
-        let sandbox = self.sandbox()?;
         self.container(id)?;
+        let sandbox = self.sandbox()?;
         sandbox.agent.pids(id).await
     }
 
     pub async fn stats(&self, id: &Id) -> Result<pb::StatsContainerResponse, ShimError> {
-        let sandbox = self.sandbox()?;
         self.container(id)?;
+        let sandbox = self.sandbox()?;
         sandbox.agent.stats(id).await
     }
 
     pub async fn update(&self, id: &Id, resources: Vec<u8>) -> Result<(), ShimError> {
         serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&resources)
             .map_err(|e| ShimError::Invalid(format!("update {id}: resources: {e}")))?;
-        let sandbox = self.sandbox()?;
         self.container(id)?;
+        let sandbox = self.sandbox()?;
         sandbox.agent.update(id, resources).await
     }
 
     pub async fn resize_pty(&self, p: &ProcessRef, rows: u32, cols: u32) -> Result<(), ShimError> {
-        let sandbox = self.sandbox()?;
         let c = self.container(&p.container)?;
         c.with(|procs| procs.get(p).map(|_| ()))?;
+        let sandbox = self.sandbox()?;
         sandbox.agent.resize_pty(p, rows, cols).await
     }
 

@@ -99,6 +99,8 @@ pub struct Process {
     pub io: Option<ProcessIo>,
     /// For execs: the OCI process (JSON) to start.
     pub spec: Option<Vec<u8>>,
+    /// Held across an exec's Start and its Delete (the container's lock orders the init's).
+    pub op: std::sync::Arc<tokio::sync::Mutex<()>>,
     exit_tx: watch::Sender<Option<ExitInfo>>,
 }
 
@@ -110,6 +112,7 @@ impl Process {
             stdio,
             io: None,
             spec,
+            op: Default::default(),
             exit_tx: watch::channel(None).0,
         }
     }

@@ -2,7 +2,7 @@
 //! containers of one pod (or one lone container). Booting and stopping it; opening stdio
 //! streams to its agent.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,10 +48,8 @@ impl Sandbox {
         id: Id,
         layout: Layout,
         size: Size,
+        abandoned: Arc<AtomicBool>,
     ) -> Result<Sandbox, ShimError> {
-        let host = seams.host.clone();
-        let l = layout.clone();
-        blocking(move || host.prepare_sandbox(&l)).await??;
         let spec = VmSpec {
             name: format!("{namespace}-{id}"),
             run_dir: layout.run_dir.clone(),
@@ -62,6 +60,15 @@ impl Sandbox {
             hostname: nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()),
         };
         let booted = async {
+            let (host, l) = (seams.host.clone(), layout.clone());
+            blocking(move || {
+                let _setup = super::slot::HOST_SETUP.lock().unwrap_or_else(|p| p.into_inner());
+                if abandoned.load(Ordering::SeqCst) {
+                    return Err(ShimError::FailedPrecondition("the sandbox's boot was abandoned".into()));
+                }
+                host.prepare_sandbox(&l)
+            })
+            .await??;
             let vm: Arc<dyn Vm> = Arc::from(seams.hypervisor.start(spec).await?);
             // QEMU's vCPUs released to the agent's hello: firmware, kernel and agent start.
             timing::add_guest(vm.boot_times().guest);

@@ -1,6 +1,7 @@
 //! The sandbox slot's transitions: boot on first use (in a task of its own, no lock held
 //! across it), shutdown (graceful, or abandoning a boot), and "the last container is gone".
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -11,7 +12,7 @@ use vmbox_protocol::Id;
 
 use super::sandbox::{blocking, Sandbox, Size};
 use super::seams::{self, Layout};
-use super::{BootOutcome, Core, Slot, RECENTLY_DELETED};
+use super::{BootOutcome, Container, Core, Slot, State, RECENTLY_DELETED};
 use crate::error::ShimError;
 use crate::timing;
 
@@ -43,11 +44,13 @@ impl Core {
                             memory_mib: ann.memory_mib.unwrap_or(config.vm.memory_mib),
                         };
                         let (tx, rx) = watch::channel(None);
-                        let abort = self.spawn_boot(config.clone(), sid, layout.clone(), size, tx);
+                        let abandoned = Arc::new(AtomicBool::new(false));
+                        let abort = self.spawn_boot(config.clone(), sid, layout.clone(), size, tx, abandoned.clone());
                         st.slot = Slot::Booting {
                             ready: rx.clone(),
                             abort,
                             layout,
+                            abandoned,
                         };
                         wait_boot = Some(rx);
                     }
@@ -64,7 +67,11 @@ impl Core {
                 };
             }
             if let Some(mut done) = wait_shutdown {
-                let _ = done.wait_for(|d| *d).await;
+                if done.wait_for(|d| *d).await.is_err() {
+                    return Err(ShimError::FailedPrecondition(
+                        "the sandbox's shutdown was abandoned".into(),
+                    ));
+                }
             }
         }
     }
@@ -78,6 +85,7 @@ impl Core {
         layout: Layout,
         size: Size,
         tx: watch::Sender<BootOutcome>,
+        abandoned: Arc<AtomicBool>,
     ) -> AbortHandle {
         let me = self.me.clone();
         let seams = self.seams.clone();
@@ -87,7 +95,7 @@ impl Core {
             let booted = timing::phase(
                 &format!("sandbox={id}"),
                 "boot",
-                Sandbox::boot(seams, config, &namespace, id.clone(), layout, size),
+                Sandbox::boot(seams, config, &namespace, id.clone(), layout, size, abandoned),
             )
             .await;
             let Some(core) = me.upgrade() else { return };
@@ -135,69 +143,142 @@ impl Core {
     /// Stops the sandbox (graceful: containers stopped, filesystems flushed, VM powered
     /// off), or abandons its boot. Returns once it is gone; concurrent calls wait for the first.
     pub async fn shutdown_sandbox(&self) {
-        let (done_tx, done_rx) = watch::channel(false);
-        let previous = {
+        let job = begin_shutdown(&mut self.lock());
+        self.finish_shutdown(job).await;
+    }
+
+    /// [`Core::shutdown_sandbox`] if no container is left (Creates in flight count); whether
+    /// it ran.
+    pub async fn shutdown_if_empty(&self) -> bool {
+        let job = {
             let mut st = self.lock();
-            let current = match &st.slot {
-                Slot::Running(s) => Some(s.clone()),
-                _ => None,
-            };
-            let previous = std::mem::replace(
-                &mut st.slot,
-                Slot::ShuttingDown {
-                    sandbox: current,
-                    done: done_rx,
-                },
-            );
-            if let Slot::Running(_) | Slot::Booting { .. } = previous {
-                for (_, c) in st.containers.drain() {
-                    c.with(|p| {
-                        for proc in std::iter::once(&mut p.init).chain(p.execs.values_mut()) {
-                            if let Some(io) = proc.io.as_mut() {
-                                io.abort();
-                            }
-                        }
-                    });
-                }
+            if !st.containers.is_empty() {
+                return false;
             }
-            previous
+            begin_shutdown(&mut st)
         };
-        match previous {
-            Slot::Running(s) => s.shutdown().await,
-            Slot::Booting { abort, layout, .. } => {
+        self.finish_shutdown(job).await;
+        true
+    }
+
+    pub(super) async fn finish_shutdown(&self, job: ShutdownJob) {
+        let done = match job {
+            ShutdownJob::Nothing => return,
+            ShutdownJob::Wait(mut done) => {
+                let _ = done.wait_for(|d| *d).await;
+                return;
+            }
+            ShutdownJob::Stop { sandbox, done } => {
+                sandbox.shutdown().await;
+                done
+            }
+            ShutdownJob::Abandon {
+                abort,
+                layout,
+                abandoned,
+                done,
+            } => {
                 log::info!("shutdown during the sandbox's boot: abandoning it");
                 abort.abort();
                 let (hv, host) = (self.seams.hypervisor.clone(), self.seams.host.clone());
                 let _ = blocking(move || {
+                    // Aborting the boot cannot stop a host setup already on a blocking
+                    // thread: wait for it, and keep one not started yet from running.
+                    let _setup = HOST_SETUP.lock().unwrap_or_else(|p| p.into_inner());
+                    abandoned.store(true, Ordering::SeqCst);
                     if let Err(e) = hv.cleanup(&layout.run_dir) {
                         log::warn!("{e}");
                     }
                     host.remove(&layout.dir);
                 })
                 .await;
+                done
             }
-            Slot::ShuttingDown { done, .. } => {
-                // Someone else is at it: put their state back and wait for them.
-                let mut done2 = done.clone();
-                self.lock().slot = Slot::ShuttingDown { sandbox: None, done };
-                let _ = done2.wait_for(|d| *d).await;
-                return;
-            }
-            Slot::Empty => {}
-        }
+        };
         self.lock().slot = Slot::Empty;
-        let _ = done_tx.send(true);
+        let _ = done.send(true);
     }
 
-    /// Starts a shutdown of the sandbox if `id` was its last container and it is still the
-    /// running one; the caller runs it ([`Core::shutdown_sandbox`]).
-    pub(super) fn remove_container(&self, id: &Id) -> bool {
+    /// Forgets container `c` (if it is still the one registered under its id); when it was
+    /// the last one of the running sandbox, the sandbox's shutdown begins in the same locked
+    /// step, so a Create arriving later waits for it instead of using a dying VM. The caller
+    /// runs the returned job ([`Core::finish_shutdown`]).
+    pub(super) fn forget(&self, c: &Arc<Container>, deleted: bool) -> ShutdownJob {
         let mut st = self.lock();
-        st.containers.remove(id);
-        st.deleted.push_back(id.clone());
-        while st.deleted.len() > RECENTLY_DELETED {
-            st.deleted.pop_front();
+        if st.containers.get(&c.id).is_some_and(|x| Arc::ptr_eq(x, c)) {
+            st.containers.remove(&c.id);
         }
-        st.containers.is_empty() && matches!(st.slot, Slot::Running(_))
+        if deleted {
+            st.deleted.push_back(c.id.clone());
+            while st.deleted.len() > RECENTLY_DELETED {
+                st.deleted.pop_front();
+            }
+        }
+        if st.containers.is_empty() && matches!(st.slot, Slot::Running(_)) {
+            begin_shutdown(&mut st)
+        } else {
+            ShutdownJob::Nothing
+        }
+    }
+}
+
+/// Serializes a boot's host setup with the cleanup of an abandoned boot: aborting the boot
+/// cannot stop a setup already running on a blocking thread.
+pub(super) static HOST_SETUP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// What a shutdown has to do once the slot says `ShuttingDown`.
+pub(super) enum ShutdownJob {
+    Nothing,
+    /// Another shutdown is under way: wait for it.
+    Wait(watch::Receiver<bool>),
+    Stop {
+        sandbox: Arc<Sandbox>,
+        done: watch::Sender<bool>,
+    },
+    Abandon {
+        abort: AbortHandle,
+        layout: Layout,
+        abandoned: Arc<AtomicBool>,
+        done: watch::Sender<bool>,
+    },
+}
+
+/// Moves the slot to `ShuttingDown` (under the caller's lock) and says what is left to do.
+/// The containers' stdio loops are stopped and the containers forgotten.
+pub(super) fn begin_shutdown(st: &mut State) -> ShutdownJob {
+    match &st.slot {
+        Slot::Empty => return ShutdownJob::Nothing,
+        Slot::ShuttingDown { done, .. } => return ShutdownJob::Wait(done.clone()),
+        Slot::Running(_) | Slot::Booting { .. } => {}
+    }
+    let (tx, rx) = watch::channel(false);
+    let sandbox = match &st.slot {
+        Slot::Running(s) => Some(s.clone()),
+        _ => None,
+    };
+    let previous = std::mem::replace(&mut st.slot, Slot::ShuttingDown { sandbox, done: rx });
+    for (_, c) in st.containers.drain() {
+        c.with(|p| {
+            for proc in std::iter::once(&mut p.init).chain(p.execs.values_mut()) {
+                if let Some(io) = proc.io.as_mut() {
+                    io.abort();
+                }
+            }
+        });
+    }
+    match previous {
+        Slot::Running(sandbox) => ShutdownJob::Stop { sandbox, done: tx },
+        Slot::Booting {
+            abort,
+            layout,
+            abandoned,
+            ..
+        } => ShutdownJob::Abandon {
+            abort,
+            layout,
+            abandoned,
+            done: tx,
+        },
+        Slot::Empty | Slot::ShuttingDown { .. } => ShutdownJob::Nothing,
     }
 }

@@ -29,6 +29,8 @@ pub struct Guest {
     pub creates: AtomicUsize,
     pub create_gate: Gate,
     pub start_gate: Gate,
+    pub shutdown_gate: Gate,
+    pub exec_gate: Gate,
     /// Execs exit with status 0 as soon as they start.
     pub execs_exit_at_once: AtomicBool,
     next_pid: AtomicU32,
@@ -117,6 +119,7 @@ impl GuestAgent for Guest {
     }
 
     async fn exec(&self, p: &ProcessRef, _process: Vec<u8>, _stdio: StreamIds) -> Result<u32, ShimError> {
+        self.exec_gate.pass().await;
         self.alive()?;
         self.execs.lock().unwrap().insert(key(p));
         if self.execs_exit_at_once.load(Ordering::SeqCst) {
@@ -189,6 +192,7 @@ impl GuestAgent for Guest {
     }
 
     async fn shutdown(&self, _grace: Duration, _total: Duration) -> Result<u32, ShimError> {
+        self.shutdown_gate.pass().await;
         self.alive()?;
         self.containers.lock().unwrap().clear();
         self.dead.send_replace(true);

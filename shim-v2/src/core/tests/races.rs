@@ -224,3 +224,82 @@ async fn concurrent_creates_share_one_boot() {
     assert_eq!(rig.hv.booted(), 1);
     assert_eq!(rig.guest().containers.lock().unwrap().len(), 4);
 }
+
+#[tokio::test]
+async fn a_create_after_the_last_delete_decided_waits_and_boots_a_new_vm() {
+    let rig = Rig::new();
+    rig.core.create(create_req(&rig, "a")).await.unwrap();
+    rig.guest().shutdown_gate.close();
+    let core = rig.core.clone();
+    let delete = tokio::spawn(async move { core.delete(&init("a")).await });
+    rig.guest().shutdown_gate.reached().await;
+    // The old VM is shutting down: this Create must not land in it.
+    let core = rig.core.clone();
+    let req = create_req(&rig, "b");
+    let create = tokio::spawn(async move { core.create(req).await });
+    rig.guest().shutdown_gate.open();
+    delete.await.unwrap().unwrap();
+    create.await.unwrap().unwrap();
+    assert_eq!(rig.hv.booted(), 2);
+    assert!(rig.hv.vm(0).stopped.load(Ordering::SeqCst));
+    assert!(rig.hv.vm(1).guest.containers.lock().unwrap().contains_key("b"));
+    assert_eq!(rig.core.state(&init("b")).unwrap().status, Status::Created);
+}
+
+#[tokio::test]
+async fn a_delete_waiting_for_a_create_that_fails_finds_nothing() {
+    let rig = Rig::new();
+    rig.core.create(create_req(&rig, "pause")).await.unwrap();
+    rig.guest().fail_create.store(true, Ordering::SeqCst);
+    rig.guest().create_gate.close();
+    let core = rig.core.clone();
+    let req = create_req(&rig, "a");
+    let create = tokio::spawn(async move { core.create(req).await });
+    rig.guest().create_gate.reached().await;
+    let core = rig.core.clone();
+    let delete = tokio::spawn(async move { core.delete(&init("a")).await });
+    rig.guest().create_gate.open();
+    create.await.unwrap().unwrap_err();
+    let e = delete.await.unwrap().unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::NOT_FOUND, "{e}");
+}
+
+#[tokio::test]
+async fn an_exec_delete_waits_for_its_start() {
+    let rig = Rig::new();
+    running(&rig, "a").await;
+    rig.core
+        .exec(&exec("a", "e"), PROCESS.to_vec(), StdioPaths::default())
+        .unwrap();
+    rig.guest().exec_gate.close();
+    let core = rig.core.clone();
+    let start = tokio::spawn(async move { core.start(&exec("a", "e")).await });
+    rig.guest().exec_gate.reached().await;
+    let core = rig.core.clone();
+    let delete = tokio::spawn(async move { core.delete(&exec("a", "e")).await });
+    rig.guest().exec_gate.open();
+    start.await.unwrap().unwrap();
+    // It waited for the start, then found the exec running.
+    let e = delete.await.unwrap().unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::FAILED_PRECONDITION, "{e}");
+    assert!(e.to_string().contains("running"), "{e}");
+}
+
+#[tokio::test]
+async fn requests_on_unknown_containers_during_a_boot_are_not_found() {
+    let rig = Rig::new();
+    rig.hv.boot_gate.close();
+    let core = rig.core.clone();
+    let req = create_req(&rig, "a");
+    let create = tokio::spawn(async move { core.create(req).await });
+    rig.hv.boot_gate.reached().await;
+    for e in [
+        rig.core.kill(&init("zz"), 9, false).await.unwrap_err(),
+        rig.core.pids(&id("zz")).await.unwrap_err(),
+        rig.core.pause(&id("zz"), true).await.unwrap_err(),
+    ] {
+        assert_eq!(code(&e), ttrpc::Code::NOT_FOUND, "{e}");
+    }
+    rig.hv.boot_gate.open();
+    create.await.unwrap().unwrap();
+}
