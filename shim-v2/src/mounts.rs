@@ -29,11 +29,9 @@ impl HostFs for SystemFs {
     }
 
     fn remove(&self, dir: &Path) {
+        // The namespace's directory stays: removing it could race another shim creating
+        // its sandbox in the same namespace.
         unmount_and_remove(dir);
-        // The namespace's directory goes with its last sandbox (fails while others remain).
-        if let Some(parent) = dir.parent() {
-            let _ = std::fs::remove_dir(parent);
-        }
     }
 }
 

@@ -94,12 +94,21 @@ impl Shim for Service {
                 .map(|l| (l, config)),
             _ => None,
         };
-        if let Some((layout, config)) = layout {
+        if let Some((mut layout, config)) = layout {
+            // A sandbox of a shim from before the layout of vmbox-config (0.1):
+            // `<state_dir>/<namespace>-<id>/`, its VM in `vm/` below it.
+            let legacy = config.state_dir.join(format!("{}-{sandbox}", self.namespace));
+            if !layout.dir.exists() && legacy.join("shim.pid").exists() {
+                layout.run_dir = legacy.join("vm");
+                layout.dir = legacy;
+            }
             if let Some(pid) = live_owner(&layout.dir) {
                 // A Create that failed inside a running pod ends here too: the pod's shim
                 // still owns the sandbox, and it has already cleaned up the container.
                 log::info!("sandbox {sandbox} is served by live shim {pid}: nothing to clean up");
-            } else if layout.dir.exists() || layout.run_dir.exists() {
+            } else if layout.dir.exists() {
+                // The sandbox directory is made before the VM's: without it there is no VM
+                // of this sandbox to stop (and a run directory alone may be a live one's).
                 log::warn!("cleaning up after a dead shim: {}", layout.dir.display());
                 let hypervisor = Qemu::new(config.clone());
                 tokio::task::spawn_blocking(move || {

@@ -21,7 +21,7 @@ pub fn graceful_on_sigterm(core: Arc<Core>, exit: Arc<ExitSignal>) {
         let sandbox = core.current_sandbox();
         // In a task of its own: a second signal must not leave the slot half shut down.
         let c = core.clone();
-        let graceful = tokio::spawn(async move { c.shutdown_sandbox().await });
+        let graceful = tokio::spawn(async move { c.shutdown_sandbox(true).await });
         tokio::select! {
             _ = graceful => {}
             _ = async { tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} } } => {

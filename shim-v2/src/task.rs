@@ -299,11 +299,14 @@ impl Task for TaskService {
 
     async fn shutdown(&self, _: &TtrpcContext, _: ShutdownRequest) -> TtrpcResult<Empty> {
         // containerd asks after every Delete; the shim stays while it serves a container.
-        let core = self.core.clone();
-        // In a task of its own: a Shutdown containerd gives up on still finishes.
-        if let Ok(true) = tokio::spawn(async move { core.shutdown_if_empty().await }).await {
-            self.exit.signal();
-        }
+        let (core, exit) = (self.core.clone(), self.exit.clone());
+        // In a task of its own: a Shutdown containerd gives up on still ends the shim.
+        let _ = tokio::spawn(async move {
+            if core.shutdown_if_empty().await {
+                exit.signal();
+            }
+        })
+        .await;
         Ok(Empty::new())
     }
 }

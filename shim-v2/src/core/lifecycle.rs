@@ -71,6 +71,8 @@ impl Core {
             Ok::<_, ShimError>((sandbox, pid))
         }
         .await;
+        // A SIGTERM during the create stopped the sandbox and forgot the container.
+        let created = created.and_then(|ok| self.still_registered(&container).map(|_| ok));
         match created {
             Ok((sandbox, pid)) => {
                 self.publish(Event::Create {
@@ -372,6 +374,12 @@ impl Core {
         }
         let exit = c.with(|procs| {
             procs.deleted = true;
+            // Waiters of processes that never reported an exit (a created init, an exec
+            // never started) get one now, without an event.
+            let gone = ExitInfo { status: 137, at: now() };
+            for e in std::iter::once(&mut procs.init).chain(procs.execs.values_mut()) {
+                e.set_exited(gone.clone());
+            }
             procs.init.exit()
         });
         let shutdown = self.forget(c, true);

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use containerd_shim::protos::api::Mount;
 use tokio::sync::{watch, RwLock, Semaphore};
-use tokio::task::AbortHandle;
+use tokio::task::JoinHandle;
 use vmbox_config::Config;
 use vmbox_protocol::agent as pb;
 use vmbox_protocol::Id;
@@ -58,7 +58,7 @@ enum Slot {
     Empty,
     Booting {
         ready: watch::Receiver<BootOutcome>,
-        abort: AbortHandle,
+        task: JoinHandle<()>,
         layout: Layout,
         /// Set (under [`slot::HOST_SETUP`]) when the boot is abandoned: a host setup that
         /// has not run yet then does nothing.
@@ -109,6 +109,8 @@ impl Container {
 
 struct State {
     slot: Slot,
+    /// The shim is about to exit (SIGTERM, containerd's Shutdown): no new boots.
+    closing: bool,
     containers: HashMap<Id, Arc<Container>>,
     deleted: VecDeque<Id>,
 }
@@ -150,6 +152,7 @@ impl Core {
             seams,
             state: Mutex::new(State {
                 slot: Slot::Empty,
+                closing: false,
                 containers: HashMap::new(),
                 deleted: VecDeque::new(),
             }),

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::watch;
-use tokio::task::AbortHandle;
+use tokio::task::JoinHandle;
 use vmbox_config::Config;
 use vmbox_oci::Annotations;
 use vmbox_protocol::Id;
@@ -29,6 +29,9 @@ impl Core {
             let mut wait_shutdown = None;
             {
                 let mut st = self.lock();
+                if st.closing {
+                    return Err(ShimError::FailedPrecondition("the shim is shutting down".into()));
+                }
                 match &st.slot {
                     Slot::Running(s) => return Ok(s.clone()),
                     Slot::Booting { ready, .. } => wait_boot = Some(ready.clone()),
@@ -45,10 +48,10 @@ impl Core {
                         };
                         let (tx, rx) = watch::channel(None);
                         let abandoned = Arc::new(AtomicBool::new(false));
-                        let abort = self.spawn_boot(config.clone(), sid, layout.clone(), size, tx, abandoned.clone());
+                        let task = self.spawn_boot(config.clone(), sid, layout.clone(), size, tx, abandoned.clone());
                         st.slot = Slot::Booting {
                             ready: rx.clone(),
-                            abort,
+                            task,
                             layout,
                             abandoned,
                         };
@@ -86,7 +89,7 @@ impl Core {
         size: Size,
         tx: watch::Sender<BootOutcome>,
         abandoned: Arc<AtomicBool>,
-    ) -> AbortHandle {
+    ) -> JoinHandle<()> {
         let me = self.me.clone();
         let seams = self.seams.clone();
         let namespace = self.namespace.clone();
@@ -95,7 +98,7 @@ impl Core {
             let booted = timing::phase(
                 &format!("sandbox={id}"),
                 "boot",
-                Sandbox::boot(seams, config, &namespace, id.clone(), layout, size, abandoned),
+                Sandbox::boot(seams, config, &namespace, id.clone(), layout, size, abandoned.clone()),
             )
             .await;
             let Some(core) = me.upgrade() else { return };
@@ -104,7 +107,7 @@ impl Core {
                     let s = Arc::new(s);
                     let installed = {
                         let mut st = core.lock();
-                        if matches!(st.slot, Slot::Booting { .. }) {
+                        if ours(&st.slot, &abandoned) {
                             st.slot = Slot::Running(s.clone());
                             true
                         } else {
@@ -129,7 +132,7 @@ impl Core {
                 }
                 Err(e) => {
                     let mut st = core.lock();
-                    if matches!(st.slot, Slot::Booting { .. }) {
+                    if ours(&st.slot, &abandoned) {
                         st.slot = Slot::Empty;
                     }
                     Err(Arc::new(e))
@@ -137,24 +140,30 @@ impl Core {
             };
             let _ = tx.send(Some(outcome));
         });
-        task.abort_handle()
+        task
     }
 
     /// Stops the sandbox (graceful: containers stopped, filesystems flushed, VM powered
     /// off), or abandons its boot. Returns once it is gone; concurrent calls wait for the first.
-    pub async fn shutdown_sandbox(&self) {
-        let job = begin_shutdown(&mut self.lock());
+    /// With `close`, the shim is about to exit: no sandbox boots again.
+    pub async fn shutdown_sandbox(&self, close: bool) {
+        let job = {
+            let mut st = self.lock();
+            st.closing |= close;
+            begin_shutdown(&mut st)
+        };
         self.finish_shutdown(job).await;
     }
 
-    /// [`Core::shutdown_sandbox`] if no container is left (Creates in flight count); whether
-    /// it ran.
+    /// containerd's Shutdown: if no container is left (Creates in flight count), closes
+    /// the shim (no sandbox boots again) and stops the sandbox; whether it did.
     pub async fn shutdown_if_empty(&self) -> bool {
         let job = {
             let mut st = self.lock();
             if !st.containers.is_empty() {
                 return false;
             }
+            st.closing = true;
             begin_shutdown(&mut st)
         };
         self.finish_shutdown(job).await;
@@ -173,13 +182,16 @@ impl Core {
                 done
             }
             ShutdownJob::Abandon {
-                abort,
+                task,
                 layout,
                 abandoned,
                 done,
             } => {
                 log::info!("shutdown during the sandbox's boot: abandoning it");
-                abort.abort();
+                task.abort();
+                // Returns at the boot's next await: whatever it did synchronously (a run
+                // directory, daemons, which die with it) is done before the cleanup.
+                let _ = task.await;
                 let (hv, host) = (self.seams.hypervisor.clone(), self.seams.host.clone());
                 let _ = blocking(move || {
                     // Aborting the boot cannot stop a host setup already on a blocking
@@ -236,7 +248,7 @@ pub(super) enum ShutdownJob {
         done: watch::Sender<bool>,
     },
     Abandon {
-        abort: AbortHandle,
+        task: JoinHandle<()>,
         layout: Layout,
         abandoned: Arc<AtomicBool>,
         done: watch::Sender<bool>,
@@ -269,16 +281,21 @@ pub(super) fn begin_shutdown(st: &mut State) -> ShutdownJob {
     match previous {
         Slot::Running(sandbox) => ShutdownJob::Stop { sandbox, done: tx },
         Slot::Booting {
-            abort,
+            task,
             layout,
             abandoned,
             ..
         } => ShutdownJob::Abandon {
-            abort,
+            task,
             layout,
             abandoned,
             done: tx,
         },
         Slot::Empty | Slot::ShuttingDown { .. } => ShutdownJob::Nothing,
     }
+}
+
+/// Whether `slot` is the boot that owns `abandoned` (not a later one).
+fn ours(slot: &Slot, abandoned: &Arc<AtomicBool>) -> bool {
+    matches!(slot, Slot::Booting { abandoned: a, .. } if Arc::ptr_eq(a, abandoned))
 }

@@ -166,7 +166,7 @@ async fn a_shutdown_during_the_boot_does_not_wait_for_it() {
     let req = create_req(&rig, "a");
     let create = tokio::spawn(async move { core.create(req).await });
     rig.hv.boot_gate.reached().await;
-    tokio::time::timeout(std::time::Duration::from_secs(2), rig.core.shutdown_sandbox())
+    tokio::time::timeout(std::time::Duration::from_secs(2), rig.core.shutdown_sandbox(true))
         .await
         .expect("the shutdown waited for the boot");
     let e = create.await.unwrap().unwrap_err();
@@ -302,4 +302,33 @@ async fn requests_on_unknown_containers_during_a_boot_are_not_found() {
     }
     rig.hv.boot_gate.open();
     create.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn after_containerds_shutdown_no_sandbox_boots_again() {
+    let rig = Rig::new();
+    rig.core.create(create_req(&rig, "a")).await.unwrap();
+    assert!(!rig.core.shutdown_if_empty().await, "a container is left");
+    rig.core.delete(&init("a")).await.unwrap();
+    assert!(rig.core.shutdown_if_empty().await);
+    let e = rig.core.create(create_req(&rig, "b")).await.unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::FAILED_PRECONDITION, "{e}");
+    assert_eq!(rig.hv.booted(), 1, "the shim is about to exit: no new VM");
+}
+
+#[tokio::test]
+async fn waiting_on_a_created_container_ends_when_it_is_deleted() {
+    let rig = Rig::new();
+    rig.core.create(create_req(&rig, "a")).await.unwrap();
+    let core = rig.core.clone();
+    let wait = tokio::spawn(async move { core.wait(&init("a")).await });
+    rig.core.delete(&init("a")).await.unwrap();
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(5), wait)
+        .await
+        .expect("the wait ended")
+        .unwrap();
+    assert!(
+        matches!(exit, Ok(ref e) if e.status == 137) || exit.is_err(),
+        "{exit:?}"
+    );
 }
