@@ -4,16 +4,31 @@ use std::sync::atomic::Ordering;
 
 use super::*;
 
+type Pending<T> = tokio::task::JoinHandle<Result<T, ShimError>>;
+
+fn spawn_create(rig: &Rig, c: &str) -> Pending<u32> {
+    let (core, req) = (rig.core.clone(), create_req(rig, c));
+    tokio::spawn(async move { core.create(req).await })
+}
+
+fn spawn_start(rig: &Rig, p: ProcessRef) -> Pending<u32> {
+    let core = rig.core.clone();
+    tokio::spawn(async move { core.start(&p).await })
+}
+
+fn spawn_delete(rig: &Rig, p: ProcessRef) -> Pending<(u32, super::super::process::ExitInfo)> {
+    let core = rig.core.clone();
+    tokio::spawn(async move { core.delete(&p).await })
+}
+
 #[tokio::test]
 async fn concurrent_starts_start_once() {
     let rig = Rig::new();
     rig.core.create(create_req(&rig, "a")).await.unwrap();
     rig.guest().start_gate.close();
-    let core = rig.core.clone();
-    let first = tokio::spawn(async move { core.start(&init("a")).await });
+    let first = spawn_start(&rig, init("a"));
     rig.guest().start_gate.reached().await;
-    let core = rig.core.clone();
-    let second = tokio::spawn(async move { core.start(&init("a")).await });
+    let second = spawn_start(&rig, init("a"));
     rig.guest().start_gate.open();
     first.await.unwrap().unwrap();
     // The second waited for the first's transition, then found the container started.
@@ -26,11 +41,9 @@ async fn delete_while_start_is_in_flight_waits_and_is_refused() {
     let rig = Rig::new();
     rig.core.create(create_req(&rig, "a")).await.unwrap();
     rig.guest().start_gate.close();
-    let core = rig.core.clone();
-    let start = tokio::spawn(async move { core.start(&init("a")).await });
+    let start = spawn_start(&rig, init("a"));
     rig.guest().start_gate.reached().await;
-    let core = rig.core.clone();
-    let delete = tokio::spawn(async move { core.delete(&init("a")).await });
+    let delete = spawn_delete(&rig, init("a"));
     // Starting is visible to readers while the start is in flight.
     assert_eq!(rig.core.state(&init("a")).unwrap().status, Status::Starting);
     rig.guest().start_gate.open();
@@ -49,9 +62,7 @@ async fn create_racing_the_last_delete_keeps_the_vm() {
     let rig = Rig::new();
     rig.core.create(create_req(&rig, "a")).await.unwrap();
     rig.guest().create_gate.close();
-    let core = rig.core.clone();
-    let req = create_req(&rig, "b");
-    let b = tokio::spawn(async move { core.create(req).await });
+    let b = spawn_create(&rig, "b");
     rig.guest().create_gate.reached().await;
     // "a" is the last *created* container, but "b" is in flight in the same VM.
     rig.core.delete(&init("a")).await.unwrap();
@@ -102,8 +113,7 @@ async fn task_exit_never_precedes_task_start() {
     rig.core.create(create_req(&rig, "a")).await.unwrap();
     assert!(matches!(rig.event().await, Event::Create { .. }));
     rig.guest().start_gate.close();
-    let core = rig.core.clone();
-    let start = tokio::spawn(async move { core.start(&init("a")).await });
+    let start = spawn_start(&rig, init("a"));
     rig.guest().start_gate.reached().await;
     // The process exits while its start is still in flight (a fast `true`).
     rig.guest().exit(&init("a"), 0);
@@ -146,9 +156,7 @@ async fn a_duplicate_id_is_refused_even_while_the_first_is_in_flight() {
     let rig = Rig::new();
     running(&rig, "pause").await;
     rig.guest().create_gate.close();
-    let core = rig.core.clone();
-    let req = create_req(&rig, "a");
-    let first = tokio::spawn(async move { core.create(req).await });
+    let first = spawn_create(&rig, "a");
     rig.guest().create_gate.reached().await;
     let e = rig.core.create(create_req(&rig, "a")).await.unwrap_err();
     assert_eq!(code(&e), ttrpc::Code::ALREADY_EXISTS, "{e}");
@@ -162,9 +170,7 @@ async fn a_duplicate_id_is_refused_even_while_the_first_is_in_flight() {
 async fn a_shutdown_during_the_boot_does_not_wait_for_it() {
     let rig = Rig::new();
     rig.hv.boot_gate.close();
-    let core = rig.core.clone();
-    let req = create_req(&rig, "a");
-    let create = tokio::spawn(async move { core.create(req).await });
+    let create = spawn_create(&rig, "a");
     rig.hv.boot_gate.reached().await;
     tokio::time::timeout(std::time::Duration::from_secs(2), rig.core.shutdown_sandbox(true))
         .await
@@ -186,9 +192,7 @@ async fn a_failed_boot_fails_every_waiting_create_and_the_next_create_boots_agai
     rig.hv.boot_gate.close();
     let mut creates = Vec::new();
     for c in ["a", "b", "c"] {
-        let core = rig.core.clone();
-        let req = create_req(&rig, c);
-        creates.push(tokio::spawn(async move { core.create(req).await }));
+        creates.push(spawn_create(&rig, c));
     }
     rig.hv.boot_gate.reached().await;
     rig.hv.boot_gate.open();
@@ -208,9 +212,7 @@ async fn concurrent_creates_share_one_boot() {
     rig.hv.boot_gate.close();
     let mut creates = Vec::new();
     for c in ["a", "b", "c", "d"] {
-        let core = rig.core.clone();
-        let req = create_req(&rig, c);
-        creates.push(tokio::spawn(async move { core.create(req).await }));
+        creates.push(spawn_create(&rig, c));
     }
     rig.hv.boot_gate.reached().await;
     // Requests are served during the boot (no lock is held across it).
@@ -230,13 +232,10 @@ async fn a_create_after_the_last_delete_decided_waits_and_boots_a_new_vm() {
     let rig = Rig::new();
     rig.core.create(create_req(&rig, "a")).await.unwrap();
     rig.guest().shutdown_gate.close();
-    let core = rig.core.clone();
-    let delete = tokio::spawn(async move { core.delete(&init("a")).await });
+    let delete = spawn_delete(&rig, init("a"));
     rig.guest().shutdown_gate.reached().await;
     // The old VM is shutting down: this Create must not land in it.
-    let core = rig.core.clone();
-    let req = create_req(&rig, "b");
-    let create = tokio::spawn(async move { core.create(req).await });
+    let create = spawn_create(&rig, "b");
     rig.guest().shutdown_gate.open();
     delete.await.unwrap().unwrap();
     create.await.unwrap().unwrap();
@@ -252,12 +251,9 @@ async fn a_delete_waiting_for_a_create_that_fails_finds_nothing() {
     rig.core.create(create_req(&rig, "pause")).await.unwrap();
     rig.guest().fail_create.store(true, Ordering::SeqCst);
     rig.guest().create_gate.close();
-    let core = rig.core.clone();
-    let req = create_req(&rig, "a");
-    let create = tokio::spawn(async move { core.create(req).await });
+    let create = spawn_create(&rig, "a");
     rig.guest().create_gate.reached().await;
-    let core = rig.core.clone();
-    let delete = tokio::spawn(async move { core.delete(&init("a")).await });
+    let delete = spawn_delete(&rig, init("a"));
     rig.guest().create_gate.open();
     create.await.unwrap().unwrap_err();
     let e = delete.await.unwrap().unwrap_err();
@@ -272,11 +268,9 @@ async fn an_exec_delete_waits_for_its_start() {
         .exec(&exec("a", "e"), PROCESS.to_vec(), StdioPaths::default())
         .unwrap();
     rig.guest().exec_gate.close();
-    let core = rig.core.clone();
-    let start = tokio::spawn(async move { core.start(&exec("a", "e")).await });
+    let start = spawn_start(&rig, exec("a", "e"));
     rig.guest().exec_gate.reached().await;
-    let core = rig.core.clone();
-    let delete = tokio::spawn(async move { core.delete(&exec("a", "e")).await });
+    let delete = spawn_delete(&rig, exec("a", "e"));
     rig.guest().exec_gate.open();
     start.await.unwrap().unwrap();
     // It waited for the start, then found the exec running.
@@ -289,9 +283,7 @@ async fn an_exec_delete_waits_for_its_start() {
 async fn requests_on_unknown_containers_during_a_boot_are_not_found() {
     let rig = Rig::new();
     rig.hv.boot_gate.close();
-    let core = rig.core.clone();
-    let req = create_req(&rig, "a");
-    let create = tokio::spawn(async move { core.create(req).await });
+    let create = spawn_create(&rig, "a");
     rig.hv.boot_gate.reached().await;
     for e in [
         rig.core.kill(&init("zz"), 9, false).await.unwrap_err(),
