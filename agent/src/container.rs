@@ -522,7 +522,14 @@ async fn receive_pty_master(listener: &tokio::net::UnixListener) -> Result<Owned
         match r {
             Ok(Some(fd)) => return Ok(fd),
             Ok(None) => return Err(AgentError::Internal("console socket closed without a pty".into())),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
             Err(e) => return Err(AgentError::sys_io("console recvmsg")(e)),
         }
     }

@@ -118,10 +118,10 @@ impl Engine {
         drop(child);
         let line = serde_json::to_vec(&req).map_err(|e| helper_err("encode request", &e))?;
         let talk = tokio::task::spawn_blocking(move || -> Result<Response, EngineError> {
-            ours.set_read_timeout(Some(HELPER_TIMEOUT)).ok();
             send_with_fds(&ours, &line, &fds).map_err(|e| helper_err("send request", &e))?;
             drop(fds);
-            let reply = read_line(&ours).map_err(|e| helper_err("read reply", &e))?;
+            let deadline = std::time::Instant::now() + HELPER_TIMEOUT;
+            let reply = read_line(&ours, deadline).map_err(|e| helper_err("read reply", &e))?;
             serde_json::from_slice(&reply).map_err(|e| helper_err("decode reply", &e))
         });
         let reply = talk.await.map_err(|e| helper_err("join", &e))?;
@@ -146,19 +146,47 @@ fn send_with_fds(sock: &UnixStream, line: &[u8], fds: &[OwnedFd]) -> nix::Result
     buf.push(b'\n');
     let cmsg = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsg };
-    let mut sent = sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(&buf)], cmsgs, MsgFlags::empty(), None)?;
+    let mut sent =
+        retry_eintr(|| sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(&buf)], cmsgs, MsgFlags::empty(), None))?;
     while sent < buf.len() {
-        sent += nix::unistd::write(sock, &buf[sent..])?;
+        sent += retry_eintr(|| nix::unistd::write(sock, &buf[sent..]))?;
     }
     Ok(())
 }
 
-/// Reads up to a newline (bounded); the peer may keep the socket open afterwards.
-fn read_line(mut sock: &UnixStream) -> std::io::Result<Vec<u8>> {
+/// Calls `f` again while it fails with EINTR. The agent handles SIGCHLD (its reaper), so
+/// any blocking call may be interrupted by a child's exit; SA_RESTART does not cover
+/// every call (a socket read with a timeout, for one: signal(7)).
+pub fn retry_eintr<T>(mut f: impl FnMut() -> nix::Result<T>) -> nix::Result<T> {
+    loop {
+        match f() {
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Reads up to a newline (bounded, [`MAX_LINE`]) until `deadline`; the peer may keep the
+/// socket open afterwards. A signal does not end the wait (Linux fails a socket read that
+/// has a timeout with EINTR even under SA_RESTART); the timeout is renewed to what is left.
+///
+/// Errors: `TimedOut` at the deadline, `UnexpectedEof` if the peer closes first,
+/// `InvalidData` past [`MAX_LINE`], or the read's own error.
+fn read_line(mut sock: &UnixStream, deadline: std::time::Instant) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();
     let mut b = [0u8; 4096];
     loop {
-        let n = sock.read(&mut b)?;
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no reply in time"));
+        }
+        sock.set_read_timeout(Some(left))?;
+        let n = match sock.read(&mut b) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -244,7 +272,7 @@ fn failure_details(read: &OwnedFd) -> String {
     let mut text = Vec::new();
     let mut buf = [0u8; 4096];
     while text.len() < MAX_DETAIL {
-        match nix::unistd::read(read.as_raw_fd(), &mut buf) {
+        match retry_eintr(|| nix::unistd::read(read.as_raw_fd(), &mut buf)) {
             Ok(n) if n > 0 => text.extend_from_slice(&buf[..n]),
             _ => break,
         }
@@ -323,8 +351,13 @@ fn receive(sock: &UnixStream) -> Result<(Request, Vec<OwnedFd>), String> {
     let mut cmsg = nix::cmsg_space!([RawFd; 3]);
     let (n, fds) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-            .map_err(|e| format!("recvmsg: {e}"))?;
+        // Not retry_eintr: the message borrows `cmsg`, which a closure cannot hand out.
+        let msg = loop {
+            match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                r => break r.map_err(|e| format!("recvmsg: {e}"))?,
+            }
+        };
         let mut fds = Vec::new();
         for c in msg.cmsgs().map_err(|e| format!("cmsgs: {e}"))? {
             if let ControlMessageOwned::ScmRights(raw) = c {
@@ -337,7 +370,10 @@ fn receive(sock: &UnixStream) -> Result<(Request, Vec<OwnedFd>), String> {
     buf.truncate(n);
     while !buf.contains(&b'\n') {
         let mut more = [0u8; 4096];
-        let m = (&*sock).read(&mut more).map_err(|e| e.to_string())?;
+        let m = match (&*sock).read(&mut more) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => r.map_err(|e| e.to_string())?,
+        };
         if m == 0 || buf.len() > MAX_LINE {
             return Err("truncated request".into());
         }
@@ -416,5 +452,62 @@ fn execute(req: Request, fds: Vec<OwnedFd>) -> Result<Option<i32>, String> {
         Request::Delete { id, force } => load(&id)?.delete(force).map(|_| None).map_err(err),
         Request::Pause { id } => load(&id)?.pause().map(|_| None).map_err(err),
         Request::Resume { id } => load(&id)?.resume().map(|_| None).map_err(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    use std::time::Instant;
+
+    extern "C" fn ignore(_: libc::c_int) {}
+
+    /// The state letter of thread `tid` of this process (`/proc/self/task/<tid>/stat`).
+    fn thread_state(tid: i32) -> char {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default();
+        stat.rsplit(')')
+            .next()
+            .and_then(|r| r.trim_start().chars().next())
+            .unwrap_or('?')
+    }
+
+    /// CI failure "read reply: Interrupted system call": a child exiting while the agent
+    /// waits for a helper's reply interrupts the read (SO_RCVTIMEO reads are not restarted).
+    #[test]
+    fn a_signal_during_the_reply_wait_does_not_fail_the_request() {
+        // SA_RESTART, as tokio's own handlers: the read still fails with EINTR.
+        let action = SigAction::new(SigHandler::Handler(ignore), SaFlags::SA_RESTART, SigSet::empty());
+        // SAFETY: the handler does nothing; no other test uses SIGUSR1.
+        unsafe { sigaction(Signal::SIGUSR1, &action) }.expect("sigaction");
+        let (ours, mut theirs) = UnixStream::pair().expect("socketpair");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            // SAFETY: pthread_self has no preconditions.
+            tx.send((nix::unistd::gettid().as_raw(), unsafe { libc::pthread_self() }))
+                .ok();
+            read_line(&ours, Instant::now() + Duration::from_secs(20))
+        });
+        let (tid, thread) = rx.recv().expect("reader started");
+        for round in 0..5 {
+            let until = Instant::now() + Duration::from_secs(10);
+            while thread_state(tid) != 'S' {
+                assert!(Instant::now() < until, "round {round}: reader never blocked in read");
+                assert!(!reader.is_finished(), "round {round}: reader returned early");
+                std::thread::yield_now();
+            }
+            // SAFETY: `thread` is alive: the reader has not returned (checked above).
+            assert_eq!(unsafe { libc::pthread_kill(thread, libc::SIGUSR1) }, 0, "pthread_kill");
+        }
+        theirs.write_all(b"{\"pid\":7}\nrest").expect("reply");
+        let line = reader.join().expect("reader panicked").expect("read_line");
+        assert_eq!(line, b"{\"pid\":7}");
+    }
+
+    #[test]
+    fn a_reply_that_never_comes_times_out() {
+        let (ours, _theirs) = UnixStream::pair().expect("socketpair");
+        let err = read_line(&ours, Instant::now() + Duration::from_millis(50)).expect_err("no reply");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
     }
 }
