@@ -95,6 +95,11 @@ pub trait Vm: Send + Sync {
     async fn wait(&self) -> VmExit;
     /// Live host processes of this VM (VMM and daemons).
     fn pids(&self) -> Vec<u32>;
+    /// The VMM's host pid (stays the same after it exited; 0 if it never started). The
+    /// pid containerd gets for every task of the sandbox: containerd and its CRI plugin
+    /// treat task pids as host pids (`/proc/<pid>/ns/*`, signals), as Kata reports its
+    /// hypervisor's.
+    fn vmm_pid(&self) -> u32;
     /// The last `lines` lines of the guest console (kept in a bounded buffer).
     fn console_tail(&self, lines: usize) -> String;
     /// Stops the VMM (QMP quit, then SIGKILL) and the daemons, removes the run directory.

@@ -486,6 +486,10 @@ impl Vm for QemuVm {
             .collect()
     }
 
+    fn vmm_pid(&self) -> u32 {
+        self.qemu.as_ref().map(|c| c.pid).unwrap_or(0)
+    }
+
     fn console_tail(&self, n: usize) -> String {
         QemuVm::console_tail(self, n)
     }

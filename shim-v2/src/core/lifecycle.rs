@@ -82,7 +82,7 @@ impl Core {
                     stdio,
                     pid,
                 });
-                log::info!("container {id} created (guest pid {pid})");
+                log::info!("container {id} created (task pid {pid}, the VMM)");
                 self.watch_exit(sandbox, container.clone(), ProcessRef::init(id), pid);
                 Ok(pid)
             }
@@ -166,7 +166,10 @@ impl Core {
                 stdio: ids,
             };
             match sandbox.agent.create(c).await {
-                Ok(pid) => Ok((pid, host_stdio.connect(sin, sout, serr))),
+                Ok(guest_pid) => {
+                    log::info!("container {id}: init is pid {guest_pid} in the guest");
+                    Ok((sandbox.host_pid(), host_stdio.connect(sin, sout, serr)))
+                }
                 Err(e) => {
                     // The guest may have created it all the same (a reply lost to a
                     // deadline): remove it before its files go.
@@ -224,7 +227,8 @@ impl Core {
         self.still_registered(c)?;
         c.with(|procs| procs.init.apply(Transition::Start, p))?;
         match sandbox.agent.start(&c.id).await {
-            Ok(pid) => {
+            Ok(_guest_pid) => {
+                let pid = sandbox.host_pid();
                 c.with(|procs| {
                     procs.init.pid = pid;
                     // An exit cannot be recorded while the lock is held.
@@ -268,8 +272,9 @@ impl Core {
         })?;
         let started = async {
             let (host, ids, [sin, sout, serr]) = self.open_stdio(sandbox, &p.container, &paths).await?;
-            let pid = sandbox.agent.exec(p, spec, ids).await?;
-            Ok::<_, ShimError>((pid, host.connect(sin, sout, serr)))
+            let guest_pid = sandbox.agent.exec(p, spec, ids).await?;
+            log::info!("{p}: pid {guest_pid} in the guest");
+            Ok::<_, ShimError>((sandbox.host_pid(), host.connect(sin, sout, serr)))
         }
         .await;
         match started {

@@ -40,6 +40,13 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
 }
 
 impl Sandbox {
+    /// The host pid reported to containerd for every task of this sandbox: the VMM's.
+    /// Guest pids never leave the shim as task pids (they would name unrelated host
+    /// processes); `Pids` lists them as information only.
+    pub fn host_pid(&self) -> u32 {
+        self.vm.vmm_pid()
+    }
+
     /// Boots the VM and connects to its agent. On failure nothing of it is left.
     pub async fn boot(
         seams: Seams,

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, Semaphore};
 use vmbox_config::Config;
 
 pub use guest::Guest;
-pub use vm::{FakeConnector, FakeHypervisor};
+pub use vm::{FakeConnector, FakeHypervisor, FAKE_VMM_PID};
 
 use super::seams::{ContainerMounts, HostFs, Layout, Seams};
 use super::Core;

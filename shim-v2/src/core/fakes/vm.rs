@@ -11,6 +11,9 @@ use vmbox_hypervisor::{Accel, BootTimes, Conn, Hypervisor, HypervisorError, Vm, 
 use vmbox_protocol::agent::Hello;
 
 use super::{Gate, Guest};
+
+/// The host pid every fake VM reports for its VMM.
+pub const FAKE_VMM_PID: u32 = 4242;
 use crate::agent::GuestAgent;
 use crate::core::seams::AgentConnector;
 
@@ -81,6 +84,9 @@ impl Vm for FakeVm {
     fn pids(&self) -> Vec<u32> {
         Vec::new()
     }
+    fn vmm_pid(&self) -> u32 {
+        FAKE_VMM_PID
+    }
     fn console_tail(&self, _: usize) -> String {
         "fake console".into()
     }
@@ -137,6 +143,9 @@ impl Vm for SharedVm {
     }
     fn pids(&self) -> Vec<u32> {
         self.0.pids()
+    }
+    fn vmm_pid(&self) -> u32 {
+        self.0.vmm_pid()
     }
     fn console_tail(&self, n: usize) -> String {
         self.0.console_tail(n)

@@ -302,3 +302,37 @@ async fn the_sandbox_is_named_by_the_cri_annotation() {
     assert_eq!(name, format!("default-{}", "f".repeat(64)));
     let _ = Arc::strong_count(&rig.core);
 }
+
+/// containerd treats task pids as host pids: every pid it gets (replies, events, state)
+/// is the VMM's, never a guest pid (issue 11: `ctr task ls` showed 32).
+#[tokio::test]
+async fn every_pid_containerd_sees_is_the_vmms() {
+    use super::fakes::FAKE_VMM_PID;
+    let mut rig = Rig::new();
+    let mut pids = vec![rig.core.create(create_req(&rig, "a")).await.unwrap()];
+    pids.push(rig.core.start(&init("a")).await.unwrap());
+    rig.core
+        .exec(&exec("a", "e"), PROCESS.to_vec(), StdioPaths::default())
+        .unwrap();
+    pids.push(rig.core.start(&exec("a", "e")).await.unwrap());
+    pids.push(rig.core.state(&init("a")).unwrap().pid);
+    pids.push(rig.core.state(&exec("a", "e")).unwrap().pid);
+    pids.extend(rig.core.pid(&id("a")));
+    rig.guest().exit(&exec("a", "e"), 0);
+    rig.guest().exit(&init("a"), 0);
+    rig.core.wait(&init("a")).await.unwrap();
+    pids.push(rig.core.delete(&exec("a", "e")).await.unwrap().0);
+    pids.push(rig.core.delete(&init("a")).await.unwrap().0);
+    for e in rig.events_until(|e| matches!(e, Event::Delete { .. })).await {
+        match e {
+            Event::Create { pid, .. }
+            | Event::Start { pid, .. }
+            | Event::ExecStarted { pid, .. }
+            | Event::Exit { pid, .. }
+            | Event::Delete { pid, .. } => pids.push(pid),
+            _ => {}
+        }
+    }
+    assert!(pids.len() >= 12, "{pids:?}");
+    assert!(pids.iter().all(|p| *p == FAKE_VMM_PID), "{pids:?}");
+}
