@@ -11,7 +11,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
-use vmbox_protocol::agent::Stdio;
+use vmbox_protocol::agent::{PodShare, Stdio};
 
 use crate::cgroup;
 use crate::engine::{Engine, Request};
@@ -125,7 +125,14 @@ impl Containers {
         }
     }
 
-    pub async fn create(&self, id: &str, spec_json: &[u8], rootfs: &str, stdio: &Stdio) -> Result<i32, AgentError> {
+    pub async fn create(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        rootfs: &str,
+        stdio: &Stdio,
+        pod: Option<&PodShare>,
+    ) -> Result<i32, AgentError> {
         check_id("container_id", id)?;
         if self.map.lock().await.contains_key(id) {
             return Err(AgentError::AlreadyExists(format!("container {id} already exists")));
@@ -140,6 +147,9 @@ impl Containers {
         let mut spec: oci_spec::runtime::Spec =
             serde_json::from_slice(spec_json).map_err(|e| AgentError::Invalid(format!("oci_spec: {e}")))?;
         prepare_spec(&mut spec, id, &rootfs, stdio.terminal)?;
+        if let Some(pod) = pod {
+            self.join_pod(&mut spec, id, pod).await?;
+        }
         if let Some(p) = spec.process() {
             check_env(p.env().as_deref().unwrap_or_default())?;
             let (cwd, mounts, root) = (
@@ -188,6 +198,75 @@ impl Containers {
             },
         );
         Ok(pid)
+    }
+
+    /// Points the spec's IPC/UTS/PID entries that `pod` lists at the sandbox container's
+    /// namespaces, and makes the pod's /dev/shm tmpfs if it does not exist yet.
+    async fn join_pod(&self, spec: &mut oci_spec::runtime::Spec, id: &str, pod: &PodShare) -> Result<(), AgentError> {
+        use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType as T};
+        check_id("pod.sandbox_id", &pod.sandbox_id)?;
+        if pod.shm_bytes > 0 {
+            let dir = pod_shm(&pod.sandbox_id);
+            let size = pod.shm_bytes;
+            off_runtime("mount the pod's /dev/shm", move || mount_pod_shm(&dir, size)).await?;
+        }
+        if pod.namespaces.is_empty() {
+            return Ok(());
+        }
+        if pod.sandbox_id == id {
+            return Err(AgentError::Invalid(format!(
+                "pod.namespaces: sandbox container {id} cannot join its own namespaces"
+            )));
+        }
+        let sandbox = &pod.sandbox_id;
+        let pid = self
+            .with(sandbox, |c| match c.init.exited() {
+                None => Ok(c.init.pid),
+                Some(_) => Err(AgentError::FailedPrecondition(format!(
+                    "the pod's sandbox container {sandbox} has exited: its namespaces are gone"
+                ))),
+            })
+            .await
+            .map_err(|e| match e {
+                AgentError::NotFound(_) => AgentError::FailedPrecondition(format!(
+                    "the pod's sandbox container {sandbox} does not exist in this VM"
+                )),
+                e => e,
+            })?;
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        let mut ns = linux.namespaces().clone().unwrap_or_default();
+        for name in &pod.namespaces {
+            let typ = match name.as_str() {
+                "ipc" => T::Ipc,
+                "uts" => T::Uts,
+                "pid" => T::Pid,
+                other => {
+                    return Err(AgentError::Invalid(format!(
+                        "pod.namespaces: {other:?} is not one of ipc, uts, pid"
+                    )))
+                }
+            };
+            let path = PathBuf::from(format!("/proc/{pid}/ns/{name}"));
+            match ns.iter_mut().find(|n| n.typ() == typ) {
+                Some(n) => {
+                    n.set_path(Some(path));
+                }
+                None => ns.push(
+                    LinuxNamespaceBuilder::default()
+                        .typ(typ)
+                        .path(path)
+                        .build()
+                        .map_err(|e| AgentError::Internal(e.to_string()))?,
+                ),
+            }
+        }
+        linux.set_namespaces(Some(ns));
+        spec.set_linux(Some(linux));
+        log::info!(
+            "container {id} joins {:?} of sandbox {sandbox} (pid {pid})",
+            pod.namespaces
+        );
+        Ok(())
     }
 
     pub async fn start(&self, id: &str) -> Result<i32, AgentError> {
@@ -368,6 +447,15 @@ impl Containers {
         }
         self.map.lock().await.remove(id);
         self.oom.forget(id);
+        // A pod's sandbox container goes last (CRI removes it after the others): its
+        // /dev/shm goes with it.
+        let shm = pod_shm(id);
+        if shm.exists() {
+            if let Err(e) = nix::mount::umount2(&shm, nix::mount::MntFlags::MNT_DETACH) {
+                log::warn!("container {id}: unmount {}: {e}", shm.display());
+            }
+            let _ = std::fs::remove_dir(&shm);
+        }
         let bundle = Path::new(BUNDLES).join(id);
         let _ = std::fs::remove_dir_all(&bundle);
         log::info!("container {id} removed");
@@ -540,6 +628,32 @@ pub fn check_id(field: &'static str, id: &str) -> Result<(), AgentError> {
     vmbox_protocol::Id::parse(field, id)
         .map(|_| ())
         .map_err(|e| AgentError::Invalid(e.to_string()))
+}
+
+/// The guest directory of pod `sandbox_id`'s /dev/shm (an id checked by the caller).
+fn pod_shm(sandbox_id: &str) -> PathBuf {
+    Path::new(vmbox_protocol::POD_SHM_DIR).join(sandbox_id)
+}
+
+/// Mounts a tmpfs of `bytes` at `dir` (mode 1777, as /dev/shm) unless one is there.
+fn mount_pod_shm(dir: &Path, bytes: u64) -> Result<(), AgentError> {
+    use nix::mount::{mount, MsFlags};
+    use std::os::unix::fs::MetadataExt;
+    std::fs::create_dir_all(dir).map_err(|e| AgentError::io(dir, e))?;
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).map_err(|e| AgentError::io(p, e));
+    if dev(dir)? != dev(parent)? {
+        return Ok(());
+    }
+    let data = format!("size={bytes},mode=1777");
+    mount(
+        Some("shm"),
+        dir,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(data.as_str()),
+    )
+    .map_err(|e| AgentError::io(dir, std::io::Error::from(e)))
 }
 
 /// Resolves a path relative to the shared mount, refusing anything that could leave it.

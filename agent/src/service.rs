@@ -47,7 +47,7 @@ impl Agent for Service {
         let stdio = r.stdio.clone().unwrap_or_default();
         let created = self
             .containers
-            .create(&r.container_id, &r.oci_spec, &r.rootfs, &stdio)
+            .create(&r.container_id, &r.oci_spec, &r.rootfs, &stdio, r.pod.as_ref())
             .await;
         let pid = reply("create_container", created)?;
         Ok(PidResponse {

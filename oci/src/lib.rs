@@ -54,15 +54,16 @@ pub fn load_spec(bundle: &Path) -> Result<Spec, OciError> {
     })
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ContainerType {
     /// The pod's sandbox (pause) container, or a lone container.
+    #[default]
     Sandbox,
     /// A container joining an existing sandbox.
     Container,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Annotations {
     /// The sandbox the container belongs to; `None` for a container that is its own sandbox.
     pub sandbox_id: Option<String>,
@@ -135,6 +136,39 @@ pub struct SharedBind {
 pub struct GuestSpec {
     pub spec: Spec,
     pub binds: Vec<SharedBind>,
+    /// What the container shares with its pod; `None` for a lone container.
+    pub pod: Option<GuestPod>,
+}
+
+/// What a container of a Kubernetes pod shares with the rest of the pod inside the guest
+/// (the agent's `PodShare`). Kata's runtime-rs and agent do the same: containerd's CRI
+/// names the sandbox's namespaces by host paths (`/proc/<sandbox task pid>/ns/ipc`),
+/// which mean nothing in the guest; there the sandbox (pause) container's own
+/// namespaces are joined instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestPod {
+    /// The pod's sandbox container id (`io.kubernetes.cri.sandbox-id`).
+    pub sandbox_id: String,
+    /// Namespace types ("ipc", "uts", "pid") the container joins from the sandbox
+    /// container: those CRI gave a path (IPC and UTS always; PID in the POD mode).
+    pub namespaces: Vec<String>,
+    /// Size of the pod's /dev/shm tmpfs in the guest, bytes; 0 if the spec mounts none.
+    pub shm_bytes: u64,
+}
+
+/// /dev/shm size when the host's source is not a tmpfs whose size can be read: CRI's
+/// default (`size=65536k`).
+pub const DEFAULT_SHM_BYTES: u64 = 64 << 20;
+
+/// The size of the tmpfs at `source` (CRI's per-sandbox shm mount), or
+/// [`DEFAULT_SHM_BYTES`] if it is not a tmpfs.
+fn shm_size(source: &Path) -> u64 {
+    match nix::sys::statfs::statfs(source) {
+        Ok(s) if s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC && s.blocks() > 0 => {
+            s.blocks().saturating_mul(s.block_size() as u64)
+        }
+        _ => DEFAULT_SHM_BYTES,
+    }
 }
 
 fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
@@ -202,7 +236,16 @@ fn guest_filesystem(i: usize, m: &mut oci_spec::runtime::Mount) -> Result<(), Oc
 }
 
 /// Translates `spec` for container `id`, whose shared files live under `id/` in the share.
-pub fn to_guest(spec: &Spec, id: &str) -> Result<GuestSpec, OciError> {
+///
+/// Namespaces: the network entry is dropped (every container uses the guest's network
+/// namespace, where the VM's NIC lives); for a container of a pod (`ann.sandbox_id`),
+/// IPC, UTS and PID entries that name a path (CRI's way to say "the sandbox's") become
+/// [`GuestPod::namespaces`]; every other path is cleared (a host namespace cannot reach
+/// the guest: a fresh one is made). A pod's /dev/shm bind becomes the pod's guest tmpfs.
+///
+/// Errors name the spec field: a missing `process`, empty `process.args`, a bind without
+/// a source or whose source does not exist, a mount the guest cannot make.
+pub fn to_guest(spec: &Spec, id: &str, ann: &Annotations) -> Result<GuestSpec, OciError> {
     let mut spec = spec.clone();
     if spec.process().is_none() {
         return Err(OciError::Field {
@@ -219,6 +262,11 @@ pub fn to_guest(spec: &Spec, id: &str) -> Result<GuestSpec, OciError> {
         }
     }
     let mut binds = Vec::new();
+    let mut pod = ann.sandbox_id.as_ref().map(|s| GuestPod {
+        sandbox_id: s.clone(),
+        namespaces: Vec::new(),
+        shm_bytes: 0,
+    });
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     for (i, m) in mounts.iter_mut().enumerate() {
         if !is_bind(m) {
@@ -229,6 +277,13 @@ pub fn to_guest(spec: &Spec, id: &str) -> Result<GuestSpec, OciError> {
             field: format!("mounts[{i}].source"),
             reason: "a bind mount needs a source".into(),
         })?;
+        if let Some(pod) = pod.as_mut().filter(|_| m.destination() == Path::new("/dev/shm")) {
+            // One tmpfs per pod in the guest: the host's (CRI's) cannot be shared memory
+            // across the VM boundary, and CRI unmounts it before it stops the sandbox.
+            pod.shm_bytes = shm_size(&source);
+            m.set_source(Some(Path::new(vmbox_protocol::POD_SHM_DIR).join(&pod.sandbox_id)));
+            continue;
+        }
         if !source.exists() {
             return Err(OciError::Field {
                 field: format!("mounts[{i}].source"),
@@ -254,7 +309,21 @@ pub fn to_guest(spec: &Spec, id: &str) -> Result<GuestSpec, OciError> {
         linux.set_cgroups_path(None);
         linux.set_devices(None);
         if let Some(ns) = linux.namespaces_mut() {
+            use oci_spec::runtime::LinuxNamespaceType as T;
+            ns.retain(|n| n.typ() != T::Network);
+            let app = ann.container_type == ContainerType::Container;
             for n in ns.iter_mut() {
+                if let (true, Some(pod), Some(_)) = (app, pod.as_mut(), n.path()) {
+                    let shared = match n.typ() {
+                        T::Ipc => Some("ipc"),
+                        T::Uts => Some("uts"),
+                        T::Pid => Some("pid"),
+                        _ => None,
+                    };
+                    if let Some(t) = shared {
+                        pod.namespaces.push(t.to_string());
+                    }
+                }
                 n.set_path(None);
             }
         }
@@ -263,7 +332,7 @@ pub fn to_guest(spec: &Spec, id: &str) -> Result<GuestSpec, OciError> {
     let mut root = spec.root().clone().unwrap_or_default();
     root.set_path(PathBuf::from("rootfs"));
     spec.set_root(Some(root));
-    Ok(GuestSpec { spec, binds })
+    Ok(GuestSpec { spec, binds, pod })
 }
 
 #[cfg(test)]
@@ -325,7 +394,7 @@ mod tests {
             .unwrap();
         mounts.push(bind);
         spec.set_mounts(Some(mounts));
-        let g = to_guest(&spec, "c1").unwrap();
+        let g = to_guest(&spec, "c1", &Annotations::default()).unwrap();
         let linux = g.spec.linux().as_ref().unwrap();
         assert!(linux.cgroups_path().is_none());
         assert!(linux.namespaces().as_ref().unwrap().iter().all(|n| n.path().is_none()));
@@ -359,7 +428,7 @@ mod tests {
             .options(vec!["size=1m".to_string()])
             .build()
             .unwrap();
-        let g = to_guest(&with_mount(m), "c1").unwrap();
+        let g = to_guest(&with_mount(m), "c1", &Annotations::default()).unwrap();
         let m = &g.spec.mounts().as_ref().unwrap()[0];
         assert_eq!(m.source().as_deref(), Some(Path::new("tmpfs")));
         assert!(g.binds.is_empty());
@@ -373,7 +442,9 @@ mod tests {
             .source("/dev/sdb1")
             .build()
             .unwrap();
-        let e = to_guest(&with_mount(m), "c1").unwrap_err().to_string();
+        let e = to_guest(&with_mount(m), "c1", &Annotations::default())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("mounts[0].type") && e.contains("ext4") && e.contains("/disk"),
             "{e}"
@@ -382,7 +453,9 @@ mod tests {
             .destination("/x")
             .build()
             .unwrap();
-        let e = to_guest(&with_mount(m), "c1").unwrap_err().to_string();
+        let e = to_guest(&with_mount(m), "c1", &Annotations::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("mounts[0].type") && e.contains("/x"), "{e}");
     }
 
@@ -396,10 +469,140 @@ mod tests {
             .build()
             .unwrap();
         spec.set_mounts(Some(vec![m]));
-        let e = to_guest(&spec, "c1").unwrap_err().to_string();
+        let e = to_guest(&spec, "c1", &Annotations::default()).unwrap_err().to_string();
         assert!(
             e.contains("mounts[0].source") && e.contains("/nonexistent/vmbox"),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod pod_tests {
+    use super::*;
+    use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType as T, MountBuilder};
+
+    /// A spec shaped as containerd 1.6's CRI writes it: `ns` (type, host path) entries
+    /// and CRI's per-sandbox /dev/shm bind.
+    fn cri_spec(ns: &[(T, Option<&str>)], shm: &Path) -> Spec {
+        let mut spec = Spec::default();
+        let mut linux = spec.linux().clone().unwrap();
+        linux.set_namespaces(Some(
+            ns.iter()
+                .map(|(t, p)| {
+                    let mut n = LinuxNamespaceBuilder::default().typ(*t).build().unwrap();
+                    n.set_path(p.map(PathBuf::from));
+                    n
+                })
+                .collect(),
+        ));
+        spec.set_linux(Some(linux));
+        let shm = MountBuilder::default()
+            .destination("/dev/shm")
+            .typ("bind")
+            .source(shm)
+            .options(vec!["rbind".to_string(), "rw".to_string()])
+            .build()
+            .unwrap();
+        spec.set_mounts(Some(vec![shm]));
+        spec
+    }
+
+    fn pod_ann(sandbox: &str, typ: ContainerType) -> Annotations {
+        Annotations {
+            sandbox_id: Some(sandbox.into()),
+            container_type: typ,
+            ..Default::default()
+        }
+    }
+
+    fn types(g: &GuestSpec) -> Vec<T> {
+        g.spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|n| n.typ())
+            .collect()
+    }
+
+    #[test]
+    fn an_app_container_joins_the_pods_ipc_uts_and_shared_pid_namespaces() {
+        let shm = std::env::temp_dir();
+        let spec = cri_spec(
+            &[
+                (T::Pid, Some("/proc/77/ns/pid")),
+                (T::Ipc, Some("/proc/77/ns/ipc")),
+                (T::Uts, Some("/proc/77/ns/uts")),
+                (T::Mount, None),
+                (T::Network, Some("/proc/77/ns/net")),
+            ],
+            &shm,
+        );
+        let g = to_guest(&spec, "app", &pod_ann("pod", ContainerType::Container)).unwrap();
+        let pod = g.pod.as_ref().unwrap();
+        assert_eq!(pod.sandbox_id, "pod");
+        assert_eq!(pod.namespaces, ["pid", "ipc", "uts"]);
+        assert!(pod.shm_bytes > 0);
+        assert_eq!(types(&g), [T::Pid, T::Ipc, T::Uts, T::Mount], "network dropped");
+        let linux = g.spec.linux().as_ref().unwrap();
+        assert!(linux.namespaces().as_ref().unwrap().iter().all(|n| n.path().is_none()));
+        let m = &g.spec.mounts().as_ref().unwrap()[0];
+        assert_eq!(
+            m.source().as_deref(),
+            Some(Path::new(&format!("{}/pod", vmbox_protocol::POD_SHM_DIR)))
+        );
+        assert!(g.binds.is_empty(), "the host's shm is not shared: {:?}", g.binds);
+    }
+
+    #[test]
+    fn a_container_pid_namespace_stays_its_own_and_the_sandbox_joins_nothing() {
+        let shm = std::env::temp_dir();
+        let own_pid = [
+            (T::Pid, None),
+            (T::Ipc, Some("/proc/77/ns/ipc")),
+            (T::Uts, Some("/proc/77/ns/uts")),
+        ];
+        let g = to_guest(
+            &cri_spec(&own_pid, &shm),
+            "app",
+            &pod_ann("pod", ContainerType::Container),
+        )
+        .unwrap();
+        assert_eq!(g.pod.unwrap().namespaces, ["ipc", "uts"]);
+        let sandbox = [
+            (T::Pid, None),
+            (T::Ipc, None),
+            (T::Uts, None),
+            (T::Network, Some("/var/run/netns/x")),
+        ];
+        let g = to_guest(
+            &cri_spec(&sandbox, &shm),
+            "pod",
+            &pod_ann("pod", ContainerType::Sandbox),
+        )
+        .unwrap();
+        assert_eq!(types(&g), [T::Pid, T::Ipc, T::Uts]);
+        let pod = g.pod.unwrap();
+        assert!(pod.namespaces.is_empty());
+        assert!(pod.shm_bytes > 0);
+    }
+
+    #[test]
+    fn a_lone_container_is_no_pod_and_keeps_its_shm_bind() {
+        let g = to_guest(
+            &cri_spec(&[(T::Ipc, Some("/proc/1/ns/ipc"))], &std::env::temp_dir()),
+            "lone",
+            &Annotations::default(),
+        )
+        .unwrap();
+        assert!(g.pod.is_none());
+        assert_eq!(g.binds.len(), 1);
+        assert!(g.spec.linux().as_ref().unwrap().namespaces().as_ref().unwrap()[0]
+            .path()
+            .is_none());
     }
 }

@@ -28,8 +28,12 @@ pub use id::{valid_id, Id, IdError};
 /// that refer to shared files are below it.
 pub const GUEST_SHARED_MOUNT: &str = "/run/vmbox/shared";
 
+/// Where the guest keeps each pod's /dev/shm tmpfs: `<POD_SHM_DIR>/<sandbox id>`.
+pub const POD_SHM_DIR: &str = "/run/vmbox/pod-shm";
+
 /// Bumped on every incompatible change of the protocol; host and guest must agree.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: `CreateContainerRequest.pod` (pod namespaces and /dev/shm).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Default host vsock port for the agent's hello (guest dials CID 2); the host picks
 /// one per VM and passes it as `vmbox.hello_port=`.

@@ -74,6 +74,8 @@ pub struct GuestContainer {
     /// The rootfs, relative to the shared directory.
     pub rootfs: String,
     pub stdio: StreamIds,
+    /// What it shares with its pod; `None` for a lone container.
+    pub pod: Option<vmbox_oci::GuestPod>,
 }
 
 /// What the shim core needs from the guest agent. Errors carry the agent's code
@@ -159,6 +161,15 @@ impl GuestAgent for TtrpcAgent {
             oci_spec: c.oci_spec,
             rootfs: c.rootfs,
             stdio: Some(stdio(c.stdio)).into(),
+            pod: c
+                .pod
+                .map(|p| pb::PodShare {
+                    sandbox_id: p.sandbox_id,
+                    namespaces: p.namespaces,
+                    shm_bytes: p.shm_bytes,
+                    ..Default::default()
+                })
+                .into(),
             ..Default::default()
         };
         let r = timing::guest(self.client.create_container(self.slow(), &req)).await;

@@ -30,7 +30,7 @@ impl Core {
         let bundle = PathBuf::from(&req.bundle);
         let spec = vmbox_oci::load_spec(&bundle)?;
         let ann = Annotations::parse(spec.annotations().as_ref())?;
-        let guest = to_guest(&spec, req.id.as_str())?;
+        let guest = to_guest(&spec, req.id.as_str(), &ann)?;
         let terminal = req.stdio.terminal || spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
         let stdio = StdioPaths {
             terminal,
@@ -164,6 +164,7 @@ impl Core {
                 oci_spec,
                 rootfs: format!("{id}/rootfs"),
                 stdio: ids,
+                pod: guest.pod.clone(),
             };
             match sandbox.agent.create(c).await {
                 Ok(guest_pid) => {
