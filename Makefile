@@ -54,11 +54,13 @@ unit-test:
 vm-test: guest
 	VMBOX_GUEST_DIR=$(abspath $(GUEST_OUT)) cargo test -p vmbox-tests --test vm -- --test-threads=1
 
-# End-to-end through a private containerd 1.6 and ctr (started and stopped here).
+# End-to-end through private containerds 1.6 (started and stopped here): ctr, and CRI
+# (Kubernetes pods) with the project's own CRI client.
 e2e-test: build guest
 	VMBOX_GUEST_DIR=$(abspath $(GUEST_OUT)) VMBOX_SHIM_DIR=$(abspath target/release) \
-	  cargo test -p vmbox-tests --test containerd --test lifecycle --test parity -- --test-threads=1; \
-	  rc=$$?; VMBOX_CTR_DIR=/run/vmbox-e2e tests/containerd/containerd.sh stop; exit $$rc
+	  cargo test -p vmbox-tests --test containerd --test lifecycle --test parity --test cri -- --test-threads=1; \
+	  rc=$$?; VMBOX_CTR_DIR=/run/vmbox-e2e tests/containerd/containerd.sh stop; \
+	  VMBOX_CTR_CRI=1 VMBOX_CTR_DIR=/run/vmbox-cri tests/containerd/containerd.sh stop; exit $$rc
 
 test: deps lint unit-test vm-test e2e-test
 

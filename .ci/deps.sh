@@ -9,6 +9,8 @@ apt_pkgs=(
   linux-source-6.1 flex bison bc libelf-dev cpio   # the guest kernel
   libseccomp-dev libcap-ng-dev pkg-config          # static agent (libseccomp.a) and virtiofsd
   busybox-static                       # test images and rootfs
+  protobuf-compiler                    # the CRI test client's protos (k8s-cri)
+  containernetworking-plugins iproute2 # CNI for the CRI tests' pods (in a test netns)
 )
 missing=()
 for p in "${apt_pkgs[@]}"; do

@@ -2,7 +2,10 @@
 # Builds a busybox OCI image (from Debian's busybox-static) as an OCI layout tarball that
 # `ctr image import` takes; no registry needed. Deterministic: same input, same digests.
 #   usage: build-image.sh OUT.tar [IMAGE_NAME]
+# VMBOX_IMAGE_CMD: the image's Cmd as a JSON array (default ["sh"]); the CRI tests' pause
+# image is this busybox with a Cmd that sleeps for ever.
 set -euo pipefail
+cmd=${VMBOX_IMAGE_CMD:-'["sh"]'}
 # Absolute before anything runs with -C or changes directory.
 out=$(realpath -m -- "${1:?usage: build-image.sh OUT.tar [IMAGE_NAME]}")
 name=${2:-docker.io/vmbox/busybox:latest}
@@ -27,7 +30,7 @@ blobs=$work/oci/blobs/sha256
 mkdir -p "$blobs"
 mv "$work/layer.tar.gz" "$blobs/$layer"
 cat > "$work/config.json" <<JSON
-{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"],"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:$diff_id"]}}
+{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":$cmd,"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:$diff_id"]}}
 JSON
 config=$(sha256sum "$work/config.json" | cut -d' ' -f1)
 config_size=$(stat -c %s "$work/config.json")

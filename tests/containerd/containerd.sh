@@ -4,9 +4,18 @@
 #   containerd.sh start | stop | address
 # The shim is found through PATH (containerd passes its own PATH on): start puts
 # $VMBOX_SHIM_DIR (default /usr/local/bin) first.
+#
+# VMBOX_CTR_CRI=1 enables containerd's CRI plugin (Kubernetes' view): runtime handlers
+# "vmbox" (the default) and "runc", sandbox image $VMBOX_PAUSE_IMAGE (imported locally,
+# no registry), CNI bridge + host-local from /usr/lib/cni. containerd then runs in a
+# network namespace of its own ("node" netns $VMBOX_CTR_NETNS, made and removed here), so
+# the CNI bridge, its addresses and its routes never touch the host's network.
 set -euo pipefail
 dir=${VMBOX_CTR_DIR:-/run/vmbox-containerd}
 sock=$dir/containerd.sock
+cri=${VMBOX_CTR_CRI:-0}
+netns=${VMBOX_CTR_NETNS:-vmbox-cri-node}
+pause=${VMBOX_PAUSE_IMAGE:-docker.io/vmbox/pause:latest}
 case "${1:-}" in
   address) echo "$sock" ;;
   start)
@@ -18,7 +27,6 @@ case "${1:-}" in
 version = 2
 root = "$dir/root"
 state = "$dir/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [grpc]
   address = "$sock"
 [ttrpc]
@@ -26,7 +34,42 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [debug]
   level = "${VMBOX_CTR_LOG_LEVEL:-info}"
 TOML
-    PATH="${VMBOX_SHIM_DIR:-/usr/local/bin}:$PATH" setsid containerd --config "$dir/config.toml" \
+    enter=()
+    if [ "$cri" = 1 ]; then
+      mkdir -p "$dir/net.d"
+      cat > "$dir/net.d/10-vmbox-cri.conflist" <<JSON
+{"cniVersion": "0.4.0", "name": "vmbox-cri", "plugins": [
+  {"type": "bridge", "bridge": "vmboxbr0", "isGateway": true, "ipMasq": false, "mtu": 1400,
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.0.0/16"}]],
+            "routes": [{"dst": "0.0.0.0/0"}]}}]}
+JSON
+      cat >> "$dir/config.toml" <<TOML
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$pause"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "vmbox"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.vmbox]
+      runtime_type = "io.containerd.vmbox.v2"
+      # A privileged pod must not get the host's devices: they are not the VM's.
+      privileged_without_host_devices = true
+      pod_annotations = ["io.vmbox.*"]
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$dir/net.d"
+TOML
+      ip netns list | grep -qw "$netns" || ip netns add "$netns"
+      ip -n "$netns" link set lo up
+      # Only the network namespace: `ip netns exec` would also give containerd a mount
+      # namespace of its own, hiding its mounts from the host.
+      enter=(nsenter "--net=/var/run/netns/$netns")
+    else
+      sed -i '/^state = /a disabled_plugins = ["io.containerd.grpc.v1.cri"]' "$dir/config.toml"
+    fi
+    PATH="${VMBOX_SHIM_DIR:-/usr/local/bin}:$PATH" setsid "${enter[@]}" containerd --config "$dir/config.toml" \
       > "$dir/containerd.log" 2>&1 < /dev/null &
     echo $! > "$dir/containerd.pid"
     for _ in $(seq 1 100); do
@@ -40,6 +83,7 @@ TOML
       kill "$pid" 2>/dev/null || true
       for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
       rm -f "$dir/containerd.pid"
-    fi ;;
+    fi
+    if [ "$cri" = 1 ] && ip netns list | grep -qw "$netns"; then ip netns del "$netns"; fi ;;
   *) echo "usage: containerd.sh start|stop|address" >&2; exit 2 ;;
 esac

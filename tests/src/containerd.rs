@@ -15,9 +15,11 @@ pub struct Containerd {
     /// The vmbox config the shims read (VMBOX_CONFIG in containerd's environment).
     pub config_path: PathBuf,
     pub state_dir: PathBuf,
+    /// With containerd's CRI plugin (and in a network namespace of its own).
+    pub cri: bool,
 }
 
-fn repo() -> PathBuf {
+pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
@@ -47,24 +49,7 @@ pub fn containerd() -> &'static Containerd {
         let dir = std::env::var_os("VMBOX_E2E_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/run/vmbox-e2e"));
-        reset(&dir);
-        let state_dir = dir.join("vmbox");
-        std::fs::create_dir_all(&dir).expect("create the test containerd directory");
-        let config_path = dir.join("vmbox.toml");
-        std::fs::write(&config_path, good_config(&state_dir)).expect("write the test vmbox config");
-        let shim = shim_dir().join("containerd-shim-vmbox-v2");
-        assert!(
-            shim.exists(),
-            "{} missing: cargo build --release -p containerd-shim-vmbox-v2",
-            shim.display()
-        );
-        let c = Containerd {
-            address: dir.join("containerd.sock").display().to_string(),
-            dir,
-            config_path,
-            state_dir,
-        };
-        c.control("start");
+        let c = Containerd::start_at(&dir, false);
         let tar = c.dir.join("busybox.tar");
         let out = Command::new(repo().join("tests/containerd/build-image.sh"))
             .arg(&tar)
@@ -101,9 +86,10 @@ fn known_programs() -> [&'static str; 7] {
 
 /// Removes whatever an earlier, interrupted run left in `dir`: its containerd, shims,
 /// VMs, mounts and files.
-fn reset(dir: &Path) {
+fn reset(dir: &Path, cri: bool) {
     let _ = Command::new(repo().join("tests/containerd/containerd.sh"))
         .arg("stop")
+        .env("VMBOX_CTR_CRI", if cri { "1" } else { "0" })
         .env("VMBOX_CTR_DIR", dir)
         .output();
     let needle = dir.display().to_string();
@@ -141,9 +127,35 @@ fn reset(dir: &Path) {
 }
 
 impl Containerd {
+    /// Starts a private containerd in `dir` (after removing what an earlier run left
+    /// there), with the CRI plugin if `cri`.
+    pub fn start_at(dir: &Path, cri: bool) -> Containerd {
+        reset(dir, cri);
+        let state_dir = dir.join("vmbox");
+        std::fs::create_dir_all(dir).expect("create the test containerd directory");
+        let config_path = dir.join("vmbox.toml");
+        std::fs::write(&config_path, good_config(&state_dir)).expect("write the test vmbox config");
+        let shim = shim_dir().join("containerd-shim-vmbox-v2");
+        assert!(
+            shim.exists(),
+            "{} missing: cargo build --release -p containerd-shim-vmbox-v2",
+            shim.display()
+        );
+        let c = Containerd {
+            address: dir.join("containerd.sock").display().to_string(),
+            dir: dir.to_path_buf(),
+            config_path,
+            state_dir,
+            cri,
+        };
+        c.control("start");
+        c
+    }
+
     fn control(&self, action: &str) {
         let out = Command::new(repo().join("tests/containerd/containerd.sh"))
             .arg(action)
+            .env("VMBOX_CTR_CRI", if self.cri { "1" } else { "0" })
             .env("VMBOX_CTR_DIR", &self.dir)
             .env("VMBOX_SHIM_DIR", shim_dir())
             .env("VMBOX_CONFIG", &self.config_path)

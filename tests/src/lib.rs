@@ -3,6 +3,7 @@
 //! VM and talks to its real agent.
 
 pub mod containerd;
+pub mod cri;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -340,8 +340,17 @@ impl Core {
         let c = self.container(&p.container)?;
         let sandbox = self.sandbox()?;
         let exited = c.with(|procs| procs.get(p).map(|e| e.exit().is_some()))?;
-        if exited && !all {
-            return Err(ShimError::NotFound("process already finished".into()));
+        if exited {
+            // What is left of the container (`all`) still gets the signal; the answer is
+            // runc's for a stopped container, NotFound, which containerd's
+            // `Delete(WithProcessKill)` accepts. An error here (the VM is gone) would make
+            // CRI retry its TaskExit handling for ever and never mark the pod NOTREADY.
+            if all && sandbox.vm.exited().is_none() {
+                if let Err(e) = sandbox.agent.signal(p, signal, all).await {
+                    log::debug!("kill --all of stopped {p}: {e}");
+                }
+            }
+            return Err(ShimError::NotFound(format!("{p}: process already finished")));
         }
         sandbox.agent.signal(p, signal, all).await
     }

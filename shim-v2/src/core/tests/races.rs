@@ -90,6 +90,13 @@ async fn the_vm_dying_mid_exec_ends_each_process_once_with_255() {
     rig.hv.vm(0).die();
     assert_eq!(rig.core.wait(&init("a")).await.unwrap().status, 255);
     assert_eq!(rig.core.wait(&exec("a", "e1")).await.unwrap().status, 255);
+    // containerd's Delete(WithProcessKill), which CRI sends on the TaskExit, kills with
+    // --all first and accepts only success or NotFound: an error here had CRI retry for
+    // ever and the pod never went NOTREADY.
+    for p in [init("a"), exec("a", "e1")] {
+        let e = rig.core.kill(&p, 9, true).await.unwrap_err();
+        assert_eq!(code(&e), ttrpc::Code::NOT_FOUND, "{e}");
+    }
     // e2 never started: no exit, and it cannot start now.
     assert!(rig.core.start(&exec("a", "e2")).await.is_err());
     rig.core.delete(&exec("a", "e2")).await.unwrap();

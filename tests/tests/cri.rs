@@ -1,0 +1,134 @@
+//! Kubernetes pods through containerd 1.6's CRI plugin, driven as the kubelet drives it,
+//! with the project's own CRI client (vmbox_tests::cri). Each test makes its own pods
+//! and removes them; a pod is one micro-VM.
+//!
+//! Run single-threaded (`--test-threads=1`): the tests share one containerd and the
+//! machine's two cores.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Result};
+use k8s_cri::v1 as cri;
+use vmbox_config::SandboxPaths;
+use vmbox_tests::cri::{Cri, Pod, PodSpec, K8S_NS};
+
+/// What a pod's VM left on the host once it is removed (processes, mounts, files).
+fn leftovers(c: &Cri, pod: &str) -> Vec<String> {
+    let ctrd = c.containerd;
+    ctrd.wait_clean_of(&SandboxPaths::new(&ctrd.state_dir, K8S_NS, pod), pod)
+}
+
+async fn remove_and_check(c: &mut Cri, pod: &Pod) -> Result<()> {
+    c.stop_and_remove_pod(&pod.id).await?;
+    let left = leftovers(c, &pod.id);
+    if !left.is_empty() {
+        return Err(anyhow!("pod {} left: {left:#?}", pod.id));
+    }
+    Ok(())
+}
+
+/// Sidecars of one pod share 127.0.0.1, IPC, the hostname and /dev/shm, as under runc.
+#[tokio::test]
+async fn containers_of_a_pod_share_localhost_ipc_hostname_and_shm() -> Result<()> {
+    let mut c = Cri::connect().await?;
+    let pod = c
+        .run_pod(
+            "share",
+            PodSpec {
+                hostname: "vmbox-pod".into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let server = c
+        .run_container(&pod, "server", &["sh", "-c", "nc -ll -p 8080 -e echo pong"])
+        .await?;
+    let client = c.run_container(&pod, "client", &["sleep", "600"]).await?;
+    // The server may still be starting to listen: bounded retries.
+    let t = Instant::now();
+    let reply = loop {
+        let (code, out, err) = c.exec_sync(&client, &["nc", "127.0.0.1", "8080"]).await?;
+        if code == 0 && out.contains("pong") {
+            break out;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err(anyhow!(
+                "client never reached the server on 127.0.0.1:8080: {code} {out} {err}"
+            ));
+        }
+    };
+    assert_eq!(reply.trim(), "pong");
+    for ns in ["ipc", "uts"] {
+        let link = format!("readlink /proc/self/ns/{ns}");
+        let (a, b) = (c.sh(&server, &link).await?, c.sh(&client, &link).await?);
+        assert_eq!(a, b, "{ns} namespace of the two containers");
+    }
+    assert_eq!(c.sh(&client, "hostname").await?, "vmbox-pod");
+    assert_eq!(c.sh(&server, "cat /etc/hostname").await?, "vmbox-pod");
+    c.sh(&server, "echo shared > /dev/shm/x").await?;
+    assert_eq!(c.sh(&client, "cat /dev/shm/x").await?, "shared");
+    assert!(
+        c.sh(&client, "grep ' /dev/shm ' /proc/mounts")
+            .await?
+            .starts_with("shm /dev/shm tmpfs"),
+        "/dev/shm is the pod's tmpfs in the guest"
+    );
+    // Containers keep their own PID namespace unless the pod asks (CONTAINER mode).
+    assert_eq!(c.sh(&client, "ps -o pid,args | grep -c '[n]c -ll' || true").await?, "0");
+    remove_and_check(&mut c, &pod).await
+}
+
+/// CRI's POD mode: one PID namespace for the pod's containers.
+#[tokio::test]
+async fn a_pod_that_asks_shares_one_pid_namespace() -> Result<()> {
+    let mut c = Cri::connect().await?;
+    let pod = c
+        .run_pod(
+            "sharedpid",
+            PodSpec {
+                hostname: "sharedpid".into(),
+                pid_mode: Some(cri::NamespaceMode::Pod),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let _a = c.run_container(&pod, "a", &["sleep", "4242"]).await?;
+    let b = c.run_container(&pod, "b", &["sleep", "600"]).await?;
+    let ps = c.sh(&b, "ps -o args").await?;
+    assert!(ps.contains("sleep 4242"), "b sees a's process: {ps}");
+    assert!(ps.contains("sleep 2147483647"), "b sees the pause process: {ps}");
+    remove_and_check(&mut c, &pod).await
+}
+
+/// containerd treats the task pid as a host pid: it is the VMM's, and killing it is a
+/// VM crash that the pod survives only as NOTREADY, still stoppable and removable.
+#[tokio::test]
+async fn the_sandbox_pid_is_the_vmm_and_killing_it_stops_the_pod() -> Result<()> {
+    let mut c = Cri::connect().await?;
+    let pod = c.run_pod("vmmkill", PodSpec::default()).await?;
+    let app = c.run_container(&pod, "app", &["sleep", "600"]).await?;
+    let pid = c.sandbox_pid(&pod.id).await?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    assert!(
+        exe.ends_with("qemu-system-x86_64"),
+        "the sandbox pid {pid} is the VMM, not {}",
+        exe.display()
+    );
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;
+    let t = Instant::now();
+    while c.pod_ready(&pod.id).await? {
+        if t.elapsed() > Duration::from_secs(2) {
+            return Err(anyhow!("pod still READY 2 s after its VMM was killed"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("pod NOTREADY {:?} after its VMM was killed", t.elapsed());
+    let t = Instant::now();
+    while c.container_state(&app).await? != cri::ContainerState::ContainerExited {
+        if t.elapsed() > Duration::from_secs(5) {
+            return Err(anyhow!("the app container did not exit with its VM"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    remove_and_check(&mut c, &pod).await
+}
