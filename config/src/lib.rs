@@ -77,8 +77,16 @@ pub struct VmConfig {
     pub initramfs: PathBuf,
     pub accelerator: Accelerator,
     pub vsock: VsockBackend,
+    /// A sandbox's vCPUs when its pod asks for no CPU; the overhead added to what it asks.
     pub vcpus: u32,
+    /// A sandbox's memory in MiB when its pod asks for none; the overhead (guest kernel,
+    /// agent, page cache) added to what it asks.
     pub memory_mib: u32,
+    /// Upper bound of a sandbox's vCPUs after sizing; 0 is the host's online CPUs.
+    pub max_vcpus: u32,
+    /// Upper bound of a sandbox's memory in MiB after sizing; 0 is no bound below
+    /// [`MAX_MEMORY_MIB`].
+    pub max_memory_mib: u32,
     /// Under TCG: the size of QEMU's translated-code cache in MiB (`-accel tcg,tb-size=`);
     /// 0 leaves QEMU's default (up to 1 GiB). Host memory of every VM, not guest RAM.
     pub tcg_cache_mib: u32,
@@ -132,6 +140,8 @@ impl Default for VmConfig {
             vsock: VsockBackend::Auto,
             vcpus: 1,
             memory_mib: 256,
+            max_vcpus: 0,
+            max_memory_mib: 0,
             tcg_cache_mib: DEFAULT_TCG_CACHE_MIB,
             kernel_params: String::new(),
         }
@@ -228,6 +238,26 @@ impl Config {
                 format!("expected {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB}"),
             ));
         }
+        if self.vm.max_vcpus != 0 && !(self.vm.vcpus..=MAX_VCPUS).contains(&self.vm.max_vcpus) {
+            return Err(bad(
+                "vm.max_vcpus",
+                self.vm.max_vcpus.to_string(),
+                format!(
+                    "expected 0 (the host's CPUs) or vm.vcpus ({}) to {MAX_VCPUS}",
+                    self.vm.vcpus
+                ),
+            ));
+        }
+        if self.vm.max_memory_mib != 0 && !(self.vm.memory_mib..=MAX_MEMORY_MIB).contains(&self.vm.max_memory_mib) {
+            return Err(bad(
+                "vm.max_memory_mib",
+                self.vm.max_memory_mib.to_string(),
+                format!(
+                    "expected 0 (no bound) or vm.memory_mib ({}) to {MAX_MEMORY_MIB}",
+                    self.vm.memory_mib
+                ),
+            ));
+        }
         if self.vm.tcg_cache_mib != 0 && !(MIN_TCG_CACHE_MIB..=MAX_TCG_CACHE_MIB).contains(&self.vm.tcg_cache_mib) {
             return Err(bad(
                 "vm.tcg_cache_mib",
@@ -303,6 +333,10 @@ mod tests {
         assert!(err.contains("vm.vcpus"), "{err}");
         let err = parse("[vm]\nmemory_mib = 1048576\n").unwrap_err().to_string();
         assert!(err.contains("vm.memory_mib"), "{err}");
+        let err = parse("[vm]\nvcpus = 2\nmax_vcpus = 1\n").unwrap_err().to_string();
+        assert!(err.contains("vm.max_vcpus"), "{err}");
+        let err = parse("[vm]\nmax_memory_mib = 100\n").unwrap_err().to_string();
+        assert!(err.contains("vm.max_memory_mib"), "{err}");
         let err = parse("[vm]\ntcg_cache_mib = 2\n").unwrap_err().to_string();
         assert!(err.contains("vm.tcg_cache_mib"), "{err}");
         assert_eq!(parse("[vm]\ntcg_cache_mib = 0\n").unwrap().vm.tcg_cache_mib, 0);

@@ -41,6 +41,8 @@ pub enum HypervisorError {
     Qmp { command: String, detail: String },
     #[error("invalid VM spec: {0}")]
     Spec(String),
+    #[error("host cgroup {path}: {detail}")]
+    Cgroup { path: PathBuf, detail: String },
 }
 
 impl HypervisorError {

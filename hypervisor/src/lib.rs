@@ -11,6 +11,7 @@
 
 pub mod accel;
 pub mod binaries;
+pub mod cgroup;
 mod error;
 mod process;
 pub mod qemu;
@@ -44,6 +45,10 @@ pub struct VmSpec {
     /// The guest's hostname (what a container without a hostname of its own sees);
     /// `None` leaves the guest's unset. Must pass [`vmbox_protocol::valid_hostname`].
     pub hostname: Option<String>,
+    /// The host cgroup the VMM and its daemons run in, relative to each hierarchy's root
+    /// (the sandbox's `linux.cgroupsPath`); created at start, removed by `stop`. `None`
+    /// leaves them in the shim's.
+    pub cgroup: Option<PathBuf>,
 }
 
 pub use vmbox_config::MAX_RUN_DIR_LEN;

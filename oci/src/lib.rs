@@ -20,6 +20,16 @@ pub const ANN_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 pub const ANN_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 pub const ANN_VCPUS: &str = "io.vmbox.vcpus";
 pub const ANN_MEMORY_MIB: &str = "io.vmbox.memory_mib";
+/// containerd's CRI (1.6.20 on): the pod's CPU limit as a CFS quota and period (µs),
+/// and its memory limit (bytes), on the sandbox container's spec.
+pub const ANN_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const ANN_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+/// The pod's CPU request as shares (containerd 1.7 on; read when present).
+pub const ANN_SANDBOX_CPU_SHARES: &str = "io.kubernetes.cri.sandbox-cpu-shares";
+pub const ANN_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+
+pub mod cgroup;
+pub mod sizing;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
@@ -68,8 +78,12 @@ pub struct Annotations {
     /// The sandbox the container belongs to; `None` for a container that is its own sandbox.
     pub sandbox_id: Option<String>,
     pub container_type: ContainerType,
+    /// `io.vmbox.vcpus`: an explicit vCPU count (overrides sizing).
     pub vcpus: Option<u32>,
+    /// `io.vmbox.memory_mib`: an explicit memory size (overrides sizing).
     pub memory_mib: Option<u32>,
+    /// What the pod asks for (CRI's sandbox annotations); see [`sizing`].
+    pub pod_resources: sizing::Request,
 }
 
 impl Annotations {
@@ -115,6 +129,7 @@ impl Annotations {
             container_type,
             vcpus: number(ANN_VCPUS, 1, MAX_VCPUS)?,
             memory_mib: number(ANN_MEMORY_MIB, MIN_MEMORY_MIB, MAX_MEMORY_MIB)?,
+            pod_resources: sizing::Request::from_annotations(map)?,
         })
     }
 }

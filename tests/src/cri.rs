@@ -84,6 +84,10 @@ pub struct PodSpec {
     pub annotations: HashMap<String, String>,
     /// Runtime handler; empty is containerd's default (vmbox).
     pub handler: String,
+    /// The pod's cgroup parent (cgroupfs form), as the kubelet sets it; empty for none.
+    pub cgroup_parent: String,
+    /// Pod-level resources (containerd turns them into the sandbox-* annotations).
+    pub resources: Option<cri::LinuxContainerResources>,
 }
 
 /// Turns a gRPC error into one that names the call.
@@ -135,10 +139,12 @@ impl Cri {
             log_directory: log_directory.display().to_string(),
             annotations: spec.annotations.clone(),
             linux: Some(cri::LinuxPodSandboxConfig {
+                cgroup_parent: spec.cgroup_parent.clone(),
                 security_context: Some(cri::LinuxSandboxSecurityContext {
                     namespace_options: Some(ns_options),
                     ..Default::default()
                 }),
+                resources: spec.resources,
                 ..Default::default()
             }),
             ..Default::default()

@@ -126,6 +126,7 @@ impl TestVm {
             vcpus: config.vm.vcpus,
             memory_mib: config.vm.memory_mib,
             hostname: Some("vmbox-test-host".into()),
+            cgroup: None,
         };
         let vm = QemuVm::start(&config, spec).await.context("boot")?;
         let conn = vm.connect(vmbox_protocol::AGENT_PORT).await?;

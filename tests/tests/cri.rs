@@ -132,3 +132,120 @@ async fn the_sandbox_pid_is_the_vmm_and_killing_it_stops_the_pod() -> Result<()>
     }
     remove_and_check(&mut c, &pod).await
 }
+
+/// A v1 or v2 cgroup directory of `path` exists on this host.
+fn cgroup_exists(path: &str) -> bool {
+    ["/sys/fs/cgroup/memory", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup"]
+        .iter()
+        .any(|root| std::path::Path::new(root).join(path.trim_start_matches('/')).is_dir())
+}
+
+/// The VM is sized from what the pod asks (plus the configured 1 vCPU / 256 MiB), its VMM
+/// runs in the pod's host cgroup so PodSandboxStats has figures, and every container's
+/// stats come from the guest.
+#[tokio::test]
+async fn a_pod_is_sized_from_its_resources_and_reports_stats() -> Result<()> {
+    let mut c = Cri::connect().await?;
+    let parent = "/vmbox-cri-test/podstats";
+    let pod = c
+        .run_pod(
+            "stats",
+            PodSpec {
+                cgroup_parent: parent.into(),
+                resources: Some(cri::LinuxContainerResources {
+                    cpu_period: 100_000,
+                    cpu_quota: 100_000,
+                    memory_limit_in_bytes: 256 << 20,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let pid = c.sandbox_pid(&pod.id).await?;
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    assert!(
+        cg.contains(&format!("{parent}/{}", pod.id)),
+        "the VMM runs in the sandbox's cgroup: {cg}"
+    );
+    let mut ids = Vec::new();
+    for name in ["one", "two", "three"] {
+        // Each burns a little CPU and holds some memory, then sleeps.
+        let script = "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; x=$(seq 1 20000); sleep 600";
+        ids.push(c.run_container(&pod, name, &["sh", "-c", script]).await?);
+    }
+    assert_eq!(c.sh(&ids[0], "nproc").await?, "2", "1 configured + 1 asked");
+    let mem_kib: u64 = c
+        .sh(&ids[0], "awk '/MemTotal/ {print $2}' /proc/meminfo")
+        .await?
+        .parse()?;
+    assert!(
+        (400 * 1024..=512 * 1024).contains(&mem_kib),
+        "256 configured + 256 asked MiB, less the kernel's own: {mem_kib} KiB"
+    );
+    // Stats: every container's CPU and memory from the guest (bounded wait for the CPU
+    // counters to move past 0 under a slow TCG guest).
+    let t = Instant::now();
+    loop {
+        let all = c.list_container_stats(&pod.id).await?;
+        let busy = all
+            .iter()
+            .filter(|s| {
+                s.cpu
+                    .as_ref()
+                    .and_then(|c| c.usage_core_nano_seconds.as_ref())
+                    .map(|v| v.value)
+                    > Some(0)
+                    && s.memory
+                        .as_ref()
+                        .and_then(|m| m.working_set_bytes.as_ref())
+                        .map(|v| v.value)
+                        > Some(0)
+            })
+            .count();
+        if all.len() == 3 && busy == 3 {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err(anyhow!(
+                "ListContainerStats: {} of {} with figures: {all:?}",
+                busy,
+                all.len()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let one = c.container_stats(&ids[0]).await?;
+    assert!(one.memory.and_then(|m| m.working_set_bytes).map(|v| v.value) > Some(0));
+    let ps = c.pod_stats(&pod.id).await?;
+    let linux = ps.linux.ok_or_else(|| anyhow!("PodSandboxStats: no linux stats"))?;
+    let cpu = linux.cpu.and_then(|c| c.usage_core_nano_seconds).map(|v| v.value);
+    let mem = linux.memory.and_then(|m| m.working_set_bytes).map(|v| v.value);
+    assert!(
+        cpu > Some(0) && mem > Some(0),
+        "PodSandboxStats: cpu {cpu:?}, memory {mem:?}"
+    );
+    remove_and_check(&mut c, &pod).await?;
+    assert!(
+        !cgroup_exists(&format!("{parent}/{}", pod.id)),
+        "the sandbox's host cgroup is removed with it"
+    );
+    remove_cgroup_parents(&["vmbox-cri-test/podstats", "vmbox-cri-test"]);
+    Ok(())
+}
+
+/// Removes the (empty) pod-level cgroups a test used as cgroup parents, as the kubelet
+/// would, in every hierarchy.
+fn remove_cgroup_parents(paths: &[&str]) {
+    let roots: Vec<std::path::PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    for p in paths {
+        for root in roots
+            .iter()
+            .chain(std::iter::once(&std::path::PathBuf::from("/sys/fs/cgroup")))
+        {
+            let _ = std::fs::remove_dir(root.join(p));
+        }
+    }
+}

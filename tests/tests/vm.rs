@@ -181,6 +181,7 @@ async fn a_wrong_kernel_path_fails_clearly_and_leaves_nothing() {
         vcpus: 1,
         memory_mib: 128,
         hostname: None,
+        cgroup: None,
     };
     let err = vmbox_hypervisor::qemu::QemuVm::start(&config, spec)
         .await
@@ -243,6 +244,7 @@ async fn an_agent_that_never_answers_times_out_with_the_console_and_leaves_nothi
         vcpus: 1,
         memory_mib: 128,
         hostname: None,
+        cgroup: None,
     };
     let started = std::time::Instant::now();
     let err = vmbox_hypervisor::qemu::QemuVm::start(&config, spec)

@@ -64,7 +64,11 @@ pub struct QemuVm {
     console: Option<Console>,
     stopped: Mutex<bool>,
     rpc_timeout: Duration,
+    cgroup: Option<crate::cgroup::HostCgroup>,
 }
+
+/// In the run directory: the host cgroup's path, for a later shim's cleanup.
+const CGROUP_FILE: &str = "cgroup";
 
 fn check_spec(spec: &VmSpec) -> Result<(), HypervisorError> {
     if !valid_name(&spec.name) {
@@ -131,6 +135,14 @@ fn reserve_cid() -> Result<(OwnedFd, u32), HypervisorError> {
 }
 
 impl QemuVm {
+    /// Moves a just-started child into the sandbox's host cgroup, if it has one.
+    fn join_cgroup(&self, child: Option<&Child>) -> Result<(), HypervisorError> {
+        match (&self.cgroup, child) {
+            (Some(cg), Some(c)) => cg.add(c.pid),
+            _ => Ok(()),
+        }
+    }
+
     pub async fn start(cfg: &Config, spec: VmSpec) -> Result<QemuVm, HypervisorError> {
         check_spec(&spec)?;
         let t0 = Instant::now();
@@ -178,7 +190,14 @@ impl QemuVm {
             console: None,
             stopped: Mutex::new(false),
             rpc_timeout: Duration::from_millis(cfg.timeouts.rpc_ms),
+            cgroup: None,
         };
+        if let Some(path) = &spec.cgroup {
+            // Recorded first, so a shim that dies right after still gets it removed.
+            let file = dir.join(CGROUP_FILE);
+            std::fs::write(&file, path.as_os_str().as_encoded_bytes()).map_err(HypervisorError::io("write", &file))?;
+            vm.cgroup = Some(crate::cgroup::HostCgroup::create(path)?);
+        }
         // From here on, any error leaves through `stop`, which removes what was started.
         match vm.boot(cfg, &spec, &qemu_bin, vhostfd).await {
             Ok(()) => {
@@ -217,6 +236,7 @@ impl QemuVm {
                 .args(["--cache=auto", "--sandbox=namespace", "--log-level=warn"]);
             self.daemons
                 .push(Child::spawn("virtiofsd", cmd, &dir.join("virtiofsd.log"))?);
+            self.join_cgroup(self.daemons.last())?;
             sockets.push((
                 fs_sock.clone(),
                 "virtiofsd",
@@ -236,6 +256,7 @@ impl QemuVm {
                 ));
                 self.daemons
                     .push(Child::spawn("vhost-device-vsock", cmd, &dir.join("vsock.log"))?);
+                self.join_cgroup(self.daemons.last())?;
                 sockets.push((
                     vsock_sock.clone(),
                     "vhost-device-vsock",
@@ -323,6 +344,10 @@ impl QemuVm {
         drop(vhostfd);
         self.write_pids(Some(qemu.pid))?;
         let qemu = &*self.qemu.insert(qemu);
+        // Inserted first: a failure here leaves through `stop`, which stops QEMU.
+        if let Some(cg) = &self.cgroup {
+            cg.add(qemu.pid)?;
+        }
         let timeout = Duration::from_millis(cfg.timeouts.boot_ms);
         let deadline = tokio::time::Instant::now() + timeout;
         let console = self.console.as_ref();
@@ -515,6 +540,14 @@ impl Vm for QemuVm {
             // virtiofsd leaves by itself once QEMU is gone; the vsock daemon does not.
             d.stop(Duration::from_secs(1)).await;
         }
+        if let Some(path) = self.cgroup.as_ref().map(|c| c.path().to_path_buf()) {
+            let removed = tokio::task::spawn_blocking(move || crate::cgroup::HostCgroup::remove_path(&path)).await;
+            match removed {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::warn!("vm {}: {e}", self.name),
+                Err(e) => log::warn!("vm {}: remove the host cgroup: {e}", self.name),
+            }
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 log::warn!("vm {}: remove {}: {e}", self.name, self.dir.display());
@@ -547,6 +580,15 @@ pub fn cleanup_run_dir(dir: &Path) -> Result<(), HypervisorError> {
     while live.iter().any(|p| ours(*p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
+    if let Ok(cg) = std::fs::read(dir.join(CGROUP_FILE)) {
+        let path = PathBuf::from(String::from_utf8_lossy(&cg).into_owned());
+        // Only a path below the roots (it was validated when written).
+        if path.is_relative() && path.components().all(|c| matches!(c, std::path::Component::Normal(_))) {
+            if let Err(e) = crate::cgroup::HostCgroup::remove_path(&path) {
+                log::warn!("cleanup of {}: {e}", dir.display());
+            }
+        }
+    }
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -570,6 +612,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 128,
             hostname: None,
+            cgroup: None,
         }
     }
 

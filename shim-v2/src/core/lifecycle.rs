@@ -9,7 +9,7 @@ use vmbox_oci::{to_guest, Annotations};
 use vmbox_protocol::Id;
 
 use super::process::{now, ExitInfo, Process, Status, Transition};
-use super::sandbox::{blocking, Sandbox};
+use super::sandbox::{blocking, Sandbox, Shape};
 use super::seams::ContainerMounts;
 use super::slot::ShutdownJob;
 use super::{Container, Core, CreateRequest, Procs};
@@ -31,6 +31,15 @@ impl Core {
         let spec = vmbox_oci::load_spec(&bundle)?;
         let ann = Annotations::parse(spec.annotations().as_ref())?;
         let guest = to_guest(&spec, req.id.as_str(), &ann)?;
+        let size = vmbox_oci::sizing::vm_size(&spec, &ann, &config.vm, host_cpus());
+        let shape = Shape {
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
+            cgroup: vmbox_oci::cgroup::host_cgroup(&spec)?,
+        };
+        if ann.container_type == vmbox_oci::ContainerType::Sandbox {
+            log::info!("sandbox of {}: {}", req.id, size.why);
+        }
         let terminal = req.stdio.terminal || spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
         let stdio = StdioPaths {
             terminal,
@@ -60,7 +69,7 @@ impl Core {
             st.containers.insert(id.clone(), container.clone());
         }
         let created = async {
-            let sandbox = self.sandbox_for(&id, &ann, &config).await?;
+            let sandbox = self.sandbox_for(&id, &ann, &shape, &config).await?;
             let subject = format!("container={id}");
             let pid = timing::phase(
                 &subject,
@@ -414,4 +423,11 @@ impl Core {
         self.finish_shutdown(shutdown).await;
         Ok((pid, exit))
     }
+}
+
+/// The host's online CPUs (the default bound of a sandbox's vCPUs).
+fn host_cpus() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
 }

@@ -25,11 +25,13 @@ pub struct Sandbox {
     next_stream: AtomicU64,
 }
 
-/// The size of a sandbox's VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Size {
+/// What a sandbox's VM is made of, decided from its first container's spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shape {
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// The host cgroup of the VMM and its daemons (`vmbox_oci::cgroup::host_cgroup`).
+    pub cgroup: Option<std::path::PathBuf>,
 }
 
 /// Runs blocking host work off the async workers.
@@ -54,15 +56,16 @@ impl Sandbox {
         namespace: &str,
         id: Id,
         layout: Layout,
-        size: Size,
+        shape: Shape,
         abandoned: Arc<AtomicBool>,
     ) -> Result<Sandbox, ShimError> {
         let spec = VmSpec {
             name: format!("{namespace}-{id}"),
             run_dir: layout.run_dir.clone(),
             shared_dir: Some(layout.shared.clone()),
-            vcpus: size.vcpus,
-            memory_mib: size.memory_mib,
+            vcpus: shape.vcpus,
+            memory_mib: shape.memory_mib,
+            cgroup: shape.cgroup,
             // runc parity: a container whose spec sets no hostname keeps the host's.
             hostname: nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()),
         };

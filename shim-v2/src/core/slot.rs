@@ -10,7 +10,7 @@ use vmbox_config::Config;
 use vmbox_oci::Annotations;
 use vmbox_protocol::Id;
 
-use super::sandbox::{blocking, Sandbox, Size};
+use super::sandbox::{blocking, Sandbox, Shape};
 use super::seams::{self, Layout};
 use super::{BootOutcome, Container, Core, Slot, State, RECENTLY_DELETED};
 use crate::error::ShimError;
@@ -22,6 +22,7 @@ impl Core {
         &self,
         id: &Id,
         ann: &Annotations,
+        shape: &Shape,
         config: &Config,
     ) -> Result<Arc<Sandbox>, ShimError> {
         loop {
@@ -42,13 +43,26 @@ impl Core {
                             None => id.clone(),
                         };
                         let layout = seams::layout(&config.state_dir, &self.namespace, &sid)?;
-                        let size = Size {
-                            vcpus: ann.vcpus.unwrap_or(config.vm.vcpus),
-                            memory_mib: ann.memory_mib.unwrap_or(config.vm.memory_mib),
-                        };
+                        log::info!(
+                            "sandbox {sid}: {} vCPUs, {} MiB, host cgroup {}",
+                            shape.vcpus,
+                            shape.memory_mib,
+                            shape
+                                .cgroup
+                                .as_ref()
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_else(|| "(the shim's)".into())
+                        );
                         let (tx, rx) = watch::channel(None);
                         let abandoned = Arc::new(AtomicBool::new(false));
-                        let task = self.spawn_boot(config.clone(), sid, layout.clone(), size, tx, abandoned.clone());
+                        let task = self.spawn_boot(
+                            config.clone(),
+                            sid,
+                            layout.clone(),
+                            shape.clone(),
+                            tx,
+                            abandoned.clone(),
+                        );
                         st.slot = Slot::Booting {
                             ready: rx.clone(),
                             task,
@@ -86,19 +100,20 @@ impl Core {
         config: Config,
         id: Id,
         layout: Layout,
-        size: Size,
+        shape: Shape,
         tx: watch::Sender<BootOutcome>,
         abandoned: Arc<AtomicBool>,
     ) -> JoinHandle<()> {
         let me = self.me.clone();
         let seams = self.seams.clone();
         let namespace = self.namespace.clone();
+        let (vcpus, memory_mib) = (shape.vcpus, shape.memory_mib);
         let task = tokio::spawn(async move {
             let t0 = std::time::Instant::now();
             let booted = timing::phase(
                 &format!("sandbox={id}"),
                 "boot",
-                Sandbox::boot(seams, config, &namespace, id.clone(), layout, size, abandoned.clone()),
+                Sandbox::boot(seams, config, &namespace, id.clone(), layout, shape, abandoned.clone()),
             )
             .await;
             let Some(core) = me.upgrade() else { return };
@@ -122,8 +137,8 @@ impl Core {
                     log::info!(
                         "sandbox {id}: VM up in {} ms ({} vCPU, {} MiB, {})",
                         t0.elapsed().as_millis(),
-                        size.vcpus,
-                        size.memory_mib,
+                        vcpus,
+                        memory_mib,
                         s.vm.accel().name()
                     );
                     core.watch_vm(s.clone());

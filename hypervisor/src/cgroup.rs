@@ -1,0 +1,92 @@
+//! A sandbox's host cgroup: the VMM and its daemons run in it, so the kubelet's pod
+//! accounting and CRI's PodSandboxStats (which reads the pod's cgroup) see the VM's CPU
+//! and memory, as they would see runc's containers. cgroup v1, hybrid and v2 hosts, through
+//! Kata's cgroups-rs (v1: every mounted controller, the cpuset copied from the parent).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cgroups_rs::fs::{hierarchies, Cgroup};
+use cgroups_rs::CgroupPid;
+
+use crate::HypervisorError;
+
+/// How long [`HostCgroup::remove`] waits for exiting processes to leave the cgroup.
+const REMOVE_WAIT: Duration = Duration::from_secs(5);
+
+/// A cgroup vmbox created for a sandbox, by its path below each hierarchy's root.
+pub struct HostCgroup {
+    path: PathBuf,
+    cg: Cgroup,
+}
+
+impl HostCgroup {
+    /// Creates (or opens) the cgroup at `path` (relative, e.g. `kubepods/podX/<id>`).
+    ///
+    /// Errors: [`HypervisorError::Cgroup`] naming the path (no cgroup filesystem, no
+    /// permission).
+    pub fn create(path: &Path) -> Result<HostCgroup, HypervisorError> {
+        let cg = Cgroup::new(hierarchies::auto(), path).map_err(|e| HypervisorError::Cgroup {
+            path: path.to_path_buf(),
+            detail: format!("create: {e}"),
+        })?;
+        Ok(HostCgroup {
+            path: path.to_path_buf(),
+            cg,
+        })
+    }
+
+    /// Moves process `pid` (all its threads) into the cgroup.
+    pub fn add(&self, pid: u32) -> Result<(), HypervisorError> {
+        self.cg
+            .add_task_by_tgid(CgroupPid::from(pid as u64))
+            .map_err(|e| HypervisorError::Cgroup {
+                path: self.path.clone(),
+                detail: format!("add pid {pid}: {e}"),
+            })
+    }
+
+    /// The cgroup's path below each hierarchy's root.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the cgroup once its processes are gone (waits up to [`REMOVE_WAIT`] for
+    /// exiting ones). Blocking. A cgroup that is already gone is not an error.
+    pub fn remove(&self) -> Result<(), HypervisorError> {
+        remove(&self.cg, &self.path)
+    }
+
+    /// Removes the cgroup at `path` that an earlier shim created (see [`HostCgroup::remove`]).
+    pub fn remove_path(path: &Path) -> Result<(), HypervisorError> {
+        remove(&Cgroup::load(hierarchies::auto(), path), path)
+    }
+}
+
+fn remove(cg: &Cgroup, path: &Path) -> Result<(), HypervisorError> {
+    let deadline = Instant::now() + REMOVE_WAIT;
+    let dirs: Vec<PathBuf> = cg
+        .subsystems()
+        .iter()
+        .map(|s| s.to_controller().path().to_path_buf())
+        .collect();
+    for dir in dirs {
+        loop {
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                // Processes still exiting (EBUSY): bounded wait.
+                Err(e) if Instant::now() < deadline && e.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => {
+                    return Err(HypervisorError::Cgroup {
+                        path: path.to_path_buf(),
+                        detail: format!("remove {}: {e}", dir.display()),
+                    })
+                }
+            }
+        }
+    }
+    Ok(())
+}
