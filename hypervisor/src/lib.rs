@@ -70,9 +70,10 @@ pub struct BootTimes {
 /// A VM backend.
 #[async_trait]
 pub trait Hypervisor: Send + Sync {
-    /// Boots a VM and waits for its agent's hello (bounded by `timeouts.boot_ms`). On
+    /// Boots a VM as `config` says (kernel, binaries, accelerator, timeouts) and waits for
+    /// its agent's hello (bounded by `timeouts.boot_ms`). On
     /// failure nothing of it is left (processes, run directory).
-    async fn start(&self, spec: VmSpec) -> Result<Box<dyn Vm>, HypervisorError>;
+    async fn start(&self, config: &vmbox_config::Config, spec: VmSpec) -> Result<Box<dyn Vm>, HypervisorError>;
     /// Stops whatever a VM whose owner died (or whose start was abandoned) left in
     /// `run_dir`, and removes the directory. Blocking; call it off the async workers.
     fn cleanup(&self, run_dir: &Path) -> Result<(), HypervisorError>;

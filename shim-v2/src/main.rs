@@ -14,6 +14,7 @@ mod events;
 mod io;
 mod metrics;
 mod mounts;
+mod options;
 mod service;
 mod signals;
 mod task;

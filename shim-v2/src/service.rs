@@ -88,7 +88,14 @@ impl Shim for Service {
         // containerd runs this when the shim is gone: stop what it left.
         let bundle = std::env::current_dir().map_err(|e| Error::Other(format!("cwd: {e}")))?;
         let sandbox = sandbox_of(&bundle, &self.id);
-        let layout = match (&self.config, Id::parse("id", &sandbox)) {
+        // A Create with a ConfigPath recorded it in the bundle: that config's state_dir.
+        let recorded = std::fs::read(bundle.join(crate::options::BUNDLE_CONFIG_PATH))
+            .ok()
+            .map(|p| std::path::PathBuf::from(String::from_utf8_lossy(&p).into_owned()))
+            .filter(|p| p.is_absolute())
+            .map(|p| Config::from_file(&p).map_err(|e| e.to_string()));
+        let config = recorded.unwrap_or_else(|| self.config.clone());
+        let layout = match (&config, Id::parse("id", &sandbox)) {
             (Ok(config), Ok(id)) => layout(&config.state_dir, &self.namespace, &id)
                 .ok()
                 .map(|l| (l, config)),
@@ -110,7 +117,7 @@ impl Shim for Service {
                 // The sandbox directory is made before the VM's: without it there is no VM
                 // of this sandbox to stop (and a run directory alone may be a live one's).
                 log::warn!("cleaning up after a dead shim: {}", layout.dir.display());
-                let hypervisor = Qemu::new(config.clone());
+                let hypervisor = Qemu;
                 tokio::task::spawn_blocking(move || {
                     if let Err(e) = hypervisor.cleanup(&layout.run_dir) {
                         log::warn!("{e}");
@@ -149,7 +156,7 @@ impl Shim for Service {
             log::debug!("timing: shim={} shim_start_ms={ms}", self.id);
         }
         let seams = Seams {
-            hypervisor: Arc::new(Qemu::new(self.config.clone().unwrap_or_default())),
+            hypervisor: Arc::new(Qemu),
             agents: Arc::new(TtrpcConnector),
             host: Arc::new(SystemFs),
             events: Arc::new(Forwarder::start(publisher, self.namespace.clone())),

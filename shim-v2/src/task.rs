@@ -117,12 +117,17 @@ impl Task for TaskService {
 
     async fn create(&self, _: &TtrpcContext, req: CreateTaskRequest) -> TtrpcResult<CreateTaskResponse> {
         let r = async {
+            let config_path = match req.options.as_ref() {
+                Some(o) => crate::options::config_path(&o.type_url, &o.value)?,
+                None => None,
+            };
             let create = CreateRequest {
                 id: id("id", &req.id)?,
                 bundle: req.bundle.clone(),
                 rootfs: req.rootfs.clone(),
                 stdio: stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal),
                 checkpoint: req.checkpoint.clone(),
+                config_path,
             };
             let core = self.core.clone();
             let pid = detached(async move { core.create(create).await }).await?;

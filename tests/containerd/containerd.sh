@@ -55,6 +55,13 @@ JSON
       # A privileged pod must not get the host's devices: they are not the VM's.
       privileged_without_host_devices = true
       pod_annotations = ["io.vmbox.*"]
+    # A second RuntimeClass handler with a vmbox config of its own (the file is the
+    # caller's; see tests/src/cri.rs).
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.vmbox-small]
+      runtime_type = "io.containerd.vmbox.v2"
+      privileged_without_host_devices = true
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.vmbox-small.options]
+        ConfigPath = "$dir/vmbox-small.toml"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
   [plugins."io.containerd.grpc.v1.cri".cni]

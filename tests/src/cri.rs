@@ -22,6 +22,8 @@ use crate::containerd::{Containerd, IMAGE};
 
 /// The sandbox (pause) image the CRI containerd is configured with: busybox sleeping.
 pub const PAUSE_IMAGE: &str = "docker.io/vmbox/pause:latest";
+/// Guest memory of the "vmbox-small" runtime handler's config (the default is 256).
+pub const SMALL_MEMORY_MIB: u32 = 192;
 /// containerd's namespace for CRI.
 pub const K8S_NS: &str = "k8s.io";
 /// Deadline of one CRI call (a pod's VM boots under TCG within it).
@@ -35,6 +37,12 @@ pub fn cri_containerd() -> &'static Containerd {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/run/vmbox-cri"));
         let c = Containerd::start_at(&dir, true);
+        // The config of the "vmbox-small" handler (its ConfigPath), read at each sandbox's
+        // first Create.
+        let small = std::fs::read_to_string(&c.config_path)
+            .expect("read the test vmbox config")
+            .replace("[vm]\n", &format!("[vm]\nmemory_mib = {SMALL_MEMORY_MIB}\n"));
+        std::fs::write(c.dir.join("vmbox-small.toml"), small).expect("write vmbox-small.toml");
         for (name, cmd) in [(IMAGE, None), (PAUSE_IMAGE, Some(r#"["sleep","2147483647"]"#))] {
             let tar = c
                 .dir

@@ -249,3 +249,27 @@ fn remove_cgroup_parents(paths: &[&str]) {
         }
     }
 }
+
+/// Two RuntimeClass handlers, one shim binary: "vmbox-small" names its own vmbox config
+/// in containerd's runtime options (ConfigPath), and its pods boot with that config.
+#[tokio::test]
+async fn a_runtime_handler_with_a_config_path_boots_its_own_vm_size() -> Result<()> {
+    let mut c = Cri::connect().await?;
+    let pod = c
+        .run_pod(
+            "small",
+            PodSpec {
+                handler: "vmbox-small".into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let app = c.run_container(&pod, "app", &["sleep", "600"]).await?;
+    let mem_kib: u64 = c.sh(&app, "awk '/MemTotal/ {print $2}' /proc/meminfo").await?.parse()?;
+    let small = vmbox_tests::cri::SMALL_MEMORY_MIB as u64 * 1024;
+    assert!(
+        (small - 64 * 1024..=small).contains(&mem_kib),
+        "vmbox-small's {small} KiB, less the kernel's own: {mem_kib} KiB"
+    );
+    remove_and_check(&mut c, &pod).await
+}

@@ -30,21 +30,15 @@ pub use console::{Console, CONSOLE_RING};
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The QEMU backend as a [`Hypervisor`].
-pub struct Qemu {
-    config: Config,
-}
-
-impl Qemu {
-    pub fn new(config: Config) -> Qemu {
-        Qemu { config }
-    }
-}
+/// The QEMU backend as a [`Hypervisor`]; each VM is started with the configuration its
+/// sandbox uses (a shim's RuntimeClass may name its own).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Qemu;
 
 #[async_trait]
 impl Hypervisor for Qemu {
-    async fn start(&self, spec: VmSpec) -> Result<Box<dyn Vm>, HypervisorError> {
-        Ok(Box::new(QemuVm::start(&self.config, spec).await?))
+    async fn start(&self, config: &Config, spec: VmSpec) -> Result<Box<dyn Vm>, HypervisorError> {
+        Ok(Box::new(QemuVm::start(config, spec).await?))
     }
 
     fn cleanup(&self, run_dir: &Path) -> Result<(), HypervisorError> {

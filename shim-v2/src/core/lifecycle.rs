@@ -26,7 +26,14 @@ impl Core {
                 "restoring from a checkpoint is not implemented".into(),
             ));
         }
-        let config = self.config()?.clone();
+        let config = self.config_for(req.config_path.as_deref())?;
+        if let Some(p) = &req.config_path {
+            // For `delete` after this shim died: it finds the sandbox's state_dir there.
+            let file = std::path::Path::new(&req.bundle).join(crate::options::BUNDLE_CONFIG_PATH);
+            if let Err(e) = std::fs::write(&file, p.as_os_str().as_encoded_bytes()) {
+                log::warn!("record the config path in {}: {e}", file.display());
+            }
+        }
         let bundle = PathBuf::from(&req.bundle);
         let spec = vmbox_oci::load_spec(&bundle)?;
         let ann = Annotations::parse(spec.annotations().as_ref())?;

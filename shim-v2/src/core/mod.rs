@@ -123,6 +123,14 @@ pub struct CreateRequest {
     pub rootfs: Vec<Mount>,
     pub stdio: StdioPaths,
     pub checkpoint: String,
+    /// The vmbox config file containerd's runtime options name (`ConfigPath`), if any.
+    pub config_path: Option<std::path::PathBuf>,
+}
+
+/// The config in use and the file it came from (`None`: the environment's).
+struct ChosenConfig {
+    config: Result<Config, String>,
+    path: Option<std::path::PathBuf>,
 }
 
 /// A process's state for containerd's State request.
@@ -136,7 +144,9 @@ pub struct ProcessState {
 }
 
 pub struct Core {
-    config: Result<Config, String>,
+    /// The environment's config (`VMBOX_CONFIG` or the default file) until a Create names
+    /// one in containerd's runtime options; see [`Core::config_for`].
+    config: Mutex<ChosenConfig>,
     namespace: String,
     seams: Seams,
     state: Mutex<State>,
@@ -147,7 +157,7 @@ pub struct Core {
 impl Core {
     pub fn new(config: Result<Config, String>, namespace: &str, seams: Seams) -> Arc<Core> {
         Arc::new_cyclic(|me| Core {
-            config,
+            config: Mutex::new(ChosenConfig { config, path: None }),
             namespace: namespace.to_string(),
             seams,
             state: Mutex::new(State {
@@ -165,8 +175,39 @@ impl Core {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn config(&self) -> Result<&Config, ShimError> {
-        self.config.as_ref().map_err(|e| ShimError::Invalid(e.clone()))
+    /// The config a Create uses. `path` (containerd's runtime options, per RuntimeClass)
+    /// is adopted by the shim's first sandbox; afterwards the shim's sandbox keeps the
+    /// config it booted with, and a different path is ignored with a warning.
+    ///
+    /// Errors: the environment's config or the named file is invalid (InvalidArgument,
+    /// naming the file and key).
+    pub(super) fn config_for(&self, path: Option<&std::path::Path>) -> Result<Config, ShimError> {
+        let first = {
+            let st = self.lock();
+            matches!(st.slot, Slot::Empty) && st.containers.is_empty()
+        };
+        let mut chosen = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        match path {
+            Some(p) if chosen.path.as_deref() != Some(p) => {
+                if first {
+                    chosen.config = Config::from_file(p).map_err(|e| e.to_string());
+                    chosen.path = Some(p.to_path_buf());
+                    log::info!("config from the runtime options: {}", p.display());
+                } else {
+                    log::warn!(
+                        "runtime options name config {} but this shim's sandbox runs with {}: kept",
+                        p.display(),
+                        chosen
+                            .path
+                            .as_deref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_else(|| "the default".into())
+                    );
+                }
+            }
+            _ => {}
+        }
+        chosen.config.clone().map_err(ShimError::Invalid)
     }
 
     fn publish(&self, e: Event) {

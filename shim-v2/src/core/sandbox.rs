@@ -79,7 +79,7 @@ impl Sandbox {
                 host.prepare_sandbox(&l)
             })
             .await??;
-            let vm: Arc<dyn Vm> = Arc::from(seams.hypervisor.start(spec).await?);
+            let vm: Arc<dyn Vm> = Arc::from(seams.hypervisor.start(&config, spec).await?);
             // QEMU's vCPUs released to the agent's hello: firmware, kernel and agent start.
             timing::add_guest(vm.boot_times().guest);
             match timing::guest(vm.connect(vmbox_protocol::AGENT_PORT)).await {

@@ -157,7 +157,7 @@ impl Vm for SharedVm {
 
 #[async_trait]
 impl Hypervisor for FakeHypervisor {
-    async fn start(&self, spec: VmSpec) -> Result<Box<dyn Vm>, HypervisorError> {
+    async fn start(&self, _: &vmbox_config::Config, spec: VmSpec) -> Result<Box<dyn Vm>, HypervisorError> {
         self.boot_gate.pass().await;
         if self.fail_boot.load(Ordering::SeqCst) {
             return Err(HypervisorError::Spec("injected boot failure".into()));

@@ -38,6 +38,7 @@ pub(super) fn create_req(rig: &Rig, c: &str) -> CreateRequest {
         rootfs: Vec::new(),
         stdio: StdioPaths::default(),
         checkpoint: String::new(),
+        config_path: None,
     }
 }
 
@@ -334,4 +335,31 @@ async fn every_pid_containerd_sees_is_the_vmms() {
     }
     assert!(pids.len() >= 12, "{pids:?}");
     assert!(pids.iter().all(|p| *p == FAKE_VMM_PID), "{pids:?}");
+}
+
+/// Per-RuntimeClass configuration: the ConfigPath of containerd's runtime options is the
+/// config of the shim's sandbox (here: its state_dir); a bad one is named.
+#[tokio::test]
+async fn the_config_path_of_the_runtime_options_is_used() {
+    let rig = Rig::new();
+    let class = rig.bundle.parent().unwrap().join("class-b");
+    std::fs::create_dir_all(&class).unwrap();
+    let file = class.join("vmbox.toml");
+    std::fs::write(&file, format!("state_dir = \"{}\"\n", class.join("state").display())).unwrap();
+    let mut req = create_req(&rig, "a");
+    req.config_path = Some(file.clone());
+    rig.core.create(req).await.unwrap();
+    let sandboxes = rig.host.sandboxes.lock().unwrap().clone();
+    assert!(
+        sandboxes.iter().all(|d| d.starts_with(class.join("state"))) && !sandboxes.is_empty(),
+        "{sandboxes:?}"
+    );
+    assert!(rig.bundle.join(crate::options::BUNDLE_CONFIG_PATH).exists());
+
+    let other = Rig::new();
+    let mut req = create_req(&other, "a");
+    req.config_path = Some("/nonexistent/vmbox-class.toml".into());
+    let e = other.core.create(req).await.unwrap_err();
+    assert_eq!(code(&e), ttrpc::Code::INVALID_ARGUMENT, "{e}");
+    assert!(e.to_string().contains("/nonexistent/vmbox-class.toml"), "{e}");
 }
