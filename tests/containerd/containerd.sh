@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A private containerd for vmbox: its own root, state and socket under $VMBOX_CTR_DIR
 # (default /run/vmbox-containerd), never the system one.
-#   containerd.sh start | stop | address
+#   containerd.sh start | stop | address   (VMBOX_CTR_KEEP_NETNS=1 stop: for a restart)
 # The shim is found through PATH (containerd passes its own PATH on): start puts
 # $VMBOX_SHIM_DIR (default /usr/local/bin) first.
 #
@@ -91,6 +91,10 @@ TOML
       for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
       rm -f "$dir/containerd.pid"
     fi
-    if [ "$cri" = 1 ] && ip netns list | grep -qw "$netns"; then ip netns del "$netns"; fi ;;
+    # The node netns (and the pods' veths on its bridge) outlives a restart
+    # (VMBOX_CTR_KEEP_NETNS=1); a plain stop removes it.
+    if [ "$cri" = 1 ] && [ "${VMBOX_CTR_KEEP_NETNS:-0}" != 1 ] && ip netns list | grep -qw "$netns"; then
+      ip netns del "$netns"
+    fi ;;
   *) echo "usage: containerd.sh start|stop|address" >&2; exit 2 ;;
 esac

@@ -153,8 +153,13 @@ impl Containerd {
     }
 
     fn control(&self, action: &str) {
+        self.control_with(action, &[])
+    }
+
+    fn control_with(&self, action: &str, env: &[(&str, &str)]) {
         let out = Command::new(repo().join("tests/containerd/containerd.sh"))
             .arg(action)
+            .envs(env.iter().copied())
             .env("VMBOX_CTR_CRI", if self.cri { "1" } else { "0" })
             .env("VMBOX_CTR_DIR", &self.dir)
             .env("VMBOX_SHIM_DIR", shim_dir())
@@ -170,7 +175,7 @@ impl Containerd {
 
     /// Stops containerd (its shims keep running) and starts it again.
     pub fn restart(&self) {
-        self.control("stop");
+        self.control_with("stop", &[("VMBOX_CTR_KEEP_NETNS", "1")]);
         self.control("start");
     }
 

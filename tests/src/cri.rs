@@ -348,6 +348,18 @@ impl Cri {
         call("RemoveContainer", r).map(|_| ())
     }
 
+    pub async fn update_resources(&mut self, id: &str, r: cri::LinuxContainerResources) -> Result<()> {
+        let res = self
+            .rt
+            .update_container_resources(req(cri::UpdateContainerResourcesRequest {
+                container_id: id.into(),
+                linux: Some(r),
+                ..Default::default()
+            }))
+            .await;
+        call("UpdateContainerResources", res).map(|_| ())
+    }
+
     pub async fn container_stats(&mut self, id: &str) -> Result<cri::ContainerStats> {
         let r = self
             .rt
@@ -383,5 +395,176 @@ impl Cri {
         call("PodSandboxStats", r)?
             .stats
             .ok_or_else(|| anyhow!("PodSandboxStats: no stats"))
+    }
+}
+
+/// The websocket channels of Kubernetes' streaming protocol (`v4.channel.k8s.io`): the
+/// first byte of every binary message names the stream.
+pub mod channel {
+    pub const STDIN: u8 = 0;
+    pub const STDOUT: u8 = 1;
+    pub const STDERR: u8 = 2;
+    /// v4: the command's final status, as a JSON `metav1.Status`.
+    pub const ERROR: u8 = 3;
+    /// `{"Width": cols, "Height": rows}`.
+    pub const RESIZE: u8 = 4;
+}
+
+/// A CRI Exec or Attach session: the streaming server's URL (ExecResponse/AttachResponse)
+/// opened as a websocket, as the kubelet's websocket path (and `kubectl exec -it` through
+/// it) does.
+pub struct Stream {
+    ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    /// Everything received on stdout (and stderr, which a tty merges).
+    pub output: Vec<u8>,
+    /// The v4 status message, once it came.
+    pub status: Option<String>,
+}
+
+/// Connects to `addr` from inside the network namespace at `netns` (containerd's streaming
+/// server listens on 127.0.0.1 of its own netns); the socket stays there.
+fn connect_in_netns(netns: &str, addr: String) -> Result<std::net::TcpStream> {
+    let netns = netns.to_string();
+    std::thread::spawn(move || -> Result<std::net::TcpStream> {
+        let ns = std::fs::File::open(&netns).with_context(|| format!("open {netns}"))?;
+        // This thread only: setns is per thread, and the thread ends here.
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+        let s = std::net::TcpStream::connect_timeout(
+            &addr.parse().with_context(|| format!("address {addr}"))?,
+            Duration::from_secs(5),
+        )
+        .with_context(|| format!("connect {addr}"))?;
+        Ok(s)
+    })
+    .join()
+    .map_err(|_| anyhow!("netns connect thread panicked"))?
+}
+
+impl Stream {
+    /// Opens the streaming `url` (http://127.0.0.1:PORT/exec/TOKEN) in containerd's netns.
+    pub async fn open(url: &str, netns: &str) -> Result<Stream> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let ws_url = url.replacen("http://", "ws://", 1);
+        let hostport = ws_url
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .ok_or_else(|| anyhow!("streaming url {url}"))?
+            .to_string();
+        let tcp = connect_in_netns(netns, hostport)?;
+        tcp.set_nonblocking(true)?;
+        let tcp = tokio::net::TcpStream::from_std(tcp)?;
+        let mut req = ws_url.as_str().into_client_request()?;
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse()?);
+        let (ws, _) = tokio::time::timeout(CALL, tokio_tungstenite::client_async(req, tcp))
+            .await
+            .map_err(|_| anyhow!("websocket handshake with {url}: timed out"))??;
+        Ok(Stream {
+            ws,
+            output: Vec::new(),
+            status: None,
+        })
+    }
+
+    /// Sends `data` on channel `ch`.
+    pub async fn send(&mut self, ch: u8, data: &[u8]) -> Result<()> {
+        use futures_util::SinkExt;
+        let mut m = vec![ch];
+        m.extend_from_slice(data);
+        self.ws
+            .send(tokio_tungstenite::tungstenite::Message::Binary(m.into()))
+            .await?;
+        Ok(())
+    }
+
+    /// A terminal size change.
+    pub async fn resize(&mut self, cols: u16, rows: u16) -> Result<()> {
+        self.send(
+            channel::RESIZE,
+            format!("{{\"Width\":{cols},\"Height\":{rows}}}").as_bytes(),
+        )
+        .await
+    }
+
+    /// Reads until the output contains `needle` (true), or the stream ends (false);
+    /// an error after `within`.
+    pub async fn read_until(&mut self, needle: &str, within: Duration) -> Result<bool> {
+        use futures_util::StreamExt;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if String::from_utf8_lossy(&self.output).contains(needle) {
+                return Ok(true);
+            }
+            let msg = match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => {
+                    return Err(anyhow!(
+                        "no {needle:?} within {within:?}; output so far: {:?}",
+                        String::from_utf8_lossy(&self.output)
+                    ))
+                }
+                Ok(None) => return Ok(false),
+                Ok(Some(m)) => m?,
+            };
+            if let tokio_tungstenite::tungstenite::Message::Binary(b) = msg {
+                match b.first() {
+                    Some(&channel::STDOUT) | Some(&channel::STDERR) => self.output.extend_from_slice(&b[1..]),
+                    Some(&channel::ERROR) => self.status = Some(String::from_utf8_lossy(&b[1..]).into_owned()),
+                    _ => {}
+                }
+            } else if let tokio_tungstenite::tungstenite::Message::Close(_) = msg {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Reads to the end of the session (bounded by `within`); the output.
+    pub async fn finish(&mut self, within: Duration) -> Result<String> {
+        // A needle that never appears: read until the server closes.
+        self.read_until("\u{0}\u{1}never", within).await?;
+        Ok(String::from_utf8_lossy(&self.output).into_owned())
+    }
+}
+
+impl Cri {
+    /// CRI Exec; the session opened.
+    pub async fn exec(&mut self, id: &str, cmd: &[&str], tty: bool, stdin: bool) -> Result<Stream> {
+        let r = self
+            .rt
+            .exec(req(cri::ExecRequest {
+                container_id: id.into(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                tty,
+                stdin,
+                stdout: true,
+                stderr: !tty,
+            }))
+            .await;
+        let url = call("Exec", r)?.url;
+        Stream::open(&url, &self.netns()).await
+    }
+
+    /// CRI Attach to a container's init (its stdin and tty as created); the session.
+    pub async fn attach(&mut self, id: &str, tty: bool) -> Result<Stream> {
+        let r = self
+            .rt
+            .attach(req(cri::AttachRequest {
+                container_id: id.into(),
+                stdin: true,
+                tty,
+                stdout: true,
+                stderr: !tty,
+            }))
+            .await;
+        let url = call("Attach", r)?.url;
+        Stream::open(&url, &self.netns()).await
+    }
+
+    /// The network namespace containerd (and its streaming server) runs in.
+    fn netns(&self) -> String {
+        format!(
+            "/var/run/netns/{}",
+            std::env::var("VMBOX_CTR_NETNS").unwrap_or_else(|_| "vmbox-cri-node".into())
+        )
     }
 }

@@ -217,6 +217,22 @@ async fn a_pod_is_sized_from_its_resources_and_reports_stats() -> Result<()> {
     }
     let one = c.container_stats(&ids[0]).await?;
     assert!(one.memory.and_then(|m| m.working_set_bytes).map(|v| v.value) > Some(0));
+    // UpdateContainerResources reaches the container's cgroup in the guest.
+    c.update_resources(
+        &ids[1],
+        cri::LinuxContainerResources {
+            memory_limit_in_bytes: 300 << 20,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let limit = c
+        .sh(
+            &ids[1],
+            "cat /sys/fs/cgroup$(sed -n 's/^0:://p' /proc/self/cgroup)/memory.max",
+        )
+        .await?;
+    assert_eq!(limit, (300u64 << 20).to_string(), "the new limit in the guest");
     let ps = c.pod_stats(&pod.id).await?;
     let linux = ps.linux.ok_or_else(|| anyhow!("PodSandboxStats: no linux stats"))?;
     let cpu = linux.cpu.and_then(|c| c.usage_core_nano_seconds).map(|v| v.value);
@@ -271,5 +287,147 @@ async fn a_runtime_handler_with_a_config_path_boots_its_own_vm_size() -> Result<
         (small - 64 * 1024..=small).contains(&mem_kib),
         "vmbox-small's {small} KiB, less the kernel's own: {mem_kib} KiB"
     );
+    remove_and_check(&mut c, &pod).await
+}
+
+/// A container that exits is followed by a new attempt in the same pod (the kubelet's
+/// restart); a container whose start fails is removed and created again
+/// (containerd's TestContainerRestart and TestFailedContainerRestart).
+#[tokio::test]
+async fn containers_restart_in_their_pod_after_an_exit_or_a_failed_start() -> Result<()> {
+    let mut c = Cri::connect().await?;
+    let pod = c.run_pod("restart", PodSpec::default()).await?;
+    let first = c.run_container(&pod, "app", &["sh", "-c", "exit 3"]).await?;
+    let t = Instant::now();
+    while c.container_state(&first).await? != cri::ContainerState::ContainerExited {
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err(anyhow!("`exit 3` did not exit"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.remove_container(&first).await?;
+    let again = c
+        .create_container(&pod, "app", &["sleep", "600"], |cfg| {
+            if let Some(m) = cfg.metadata.as_mut() {
+                m.attempt = 1;
+            }
+        })
+        .await?;
+    c.start_container(&again).await?;
+    assert_eq!(c.sh(&again, "echo up").await?, "up");
+    c.stop_container(&again, 2).await?;
+    c.remove_container(&again).await?;
+
+    let bad = c.create_container(&pod, "bad", &["/no/such/program"], |_| {}).await?;
+    let e = c
+        .start_container(&bad)
+        .await
+        .expect_err("a missing program cannot start");
+    assert!(e.to_string().contains("/no/such/program"), "{e}");
+    c.remove_container(&bad).await?;
+    let good = c.create_container(&pod, "bad", &["sleep", "600"], |_| {}).await?;
+    c.start_container(&good).await?;
+    assert_eq!(c.sh(&good, "echo fixed").await?, "fixed");
+    assert!(c.pod_ready(&pod.id).await?, "the pod survives its containers' failures");
+    remove_and_check(&mut c, &pod).await
+}
+
+/// containerd restarts while one pod is ready and one is not (its VM was killed): both are
+/// recovered, the ready one still serves ExecSync, and both stop and go.
+#[tokio::test]
+async fn pods_survive_a_containerd_restart_ready_or_not() -> Result<()> {
+    let mut c = Cri::connect().await?;
+    let ready = c.run_pod("restart-ready", PodSpec::default()).await?;
+    let app = c.run_container(&ready, "app", &["sleep", "600"]).await?;
+    let dead = c.run_pod("restart-dead", PodSpec::default()).await?;
+    let pid = c.sandbox_pid(&dead.id).await?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;
+    let t = Instant::now();
+    while c.pod_ready(&dead.id).await? {
+        if t.elapsed() > Duration::from_secs(10) {
+            return Err(anyhow!("killed pod still READY"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.containerd.restart();
+    let mut c = Cri::connect().await?;
+    let t = Instant::now();
+    loop {
+        match c.pod_ready(&ready.id).await {
+            Ok(true) => break,
+            Ok(false) => return Err(anyhow!("the ready pod is NOTREADY after containerd's restart")),
+            Err(e) if t.elapsed() > Duration::from_secs(30) => return Err(e.context("CRI after restart")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert!(!c.pod_ready(&dead.id).await?, "the dead pod stays NOTREADY");
+    assert_eq!(c.sh(&app, "echo still").await?, "still");
+    remove_and_check(&mut c, &dead).await?;
+    remove_and_check(&mut c, &ready).await
+}
+
+/// `kubectl exec -it`: CRI Exec with a tty and stdin through containerd's streaming
+/// server, with Kubernetes' 64-hex container and exec ids, a resize, typed input.
+#[tokio::test]
+async fn exec_with_a_tty_and_64_hex_ids_works_like_kubectl_exec_it() -> Result<()> {
+    use vmbox_tests::cri::channel;
+    let mut c = Cri::connect().await?;
+    let pod = c.run_pod("exectty", PodSpec::default()).await?;
+    let app = c.run_container(&pod, "app", &["sleep", "600"]).await?;
+    assert_eq!(app.len(), 64, "CRI's container ids are 64 hex digits: {app}");
+    let mut s = c.exec(&app, &["sh"], true, true).await?;
+    s.resize(101, 33).await?;
+    s.send(channel::STDIN, b"tty; stty size; echo typed-$((40+2)); exit 7\n")
+        .await?;
+    let out = s.finish(Duration::from_secs(60)).await?;
+    assert!(out.contains("/dev/pts/"), "a terminal: {out:?}");
+    assert!(out.contains("33 101"), "the resize reached it: {out:?}");
+    assert!(out.contains("typed-42"), "typed input ran: {out:?}");
+    let status = s.status.clone().unwrap_or_default();
+    assert!(status.contains("7"), "exit 7 in the final status: {status}");
+    remove_and_check(&mut c, &pod).await
+}
+
+/// Attach to a container started with stdin and a tty (`kubectl attach -it`), and the
+/// container's log in CRI's format at its log path.
+#[tokio::test]
+async fn attach_reaches_the_containers_terminal_and_logs_are_written() -> Result<()> {
+    use vmbox_tests::cri::channel;
+    let mut c = Cri::connect().await?;
+    let pod = c.run_pod("attachlog", PodSpec::default()).await?;
+    let shell = c
+        .create_container(&pod, "shell", &["sh"], |cfg| {
+            cfg.stdin = true;
+            cfg.tty = true;
+        })
+        .await?;
+    c.start_container(&shell).await?;
+    let mut s = c.attach(&shell, true).await?;
+    s.send(channel::STDIN, b"echo attached-$((6*7))\n").await?;
+    assert!(s.read_until("attached-42", Duration::from_secs(60)).await?);
+    drop(s);
+    let logger = c
+        .run_container(
+            &pod,
+            "logger",
+            &["sh", "-c", "echo line-one; echo line-two >&2; sleep 600"],
+        )
+        .await?;
+    let log = std::path::PathBuf::from(&pod.config.log_directory).join("logger.log");
+    let t = Instant::now();
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("line-two") || t.elapsed() > Duration::from_secs(30) {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        text.lines().any(|l| l.contains(" stdout F line-one"))
+            && text.lines().any(|l| l.contains(" stderr F line-two")),
+        "CRI log format at {}: {text:?}",
+        log.display()
+    );
+    let _ = logger;
     remove_and_check(&mut c, &pod).await
 }
