@@ -8,7 +8,7 @@ AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/guest/vmbox-agent
 export VMBOX_CACHE ?= /var/cache/vmbox
 
-.PHONY: all build guest agent kernel initramfs install deps test unit-test vm-test e2e-test lint bench bench-vm soak quickstart clean
+.PHONY: all build guest agent kernel initramfs install deps test unit-test vm-test e2e-test lint bench bench-vm soak quickstart clean cri-integration
 
 all: build guest
 
@@ -63,6 +63,11 @@ e2e-test: build guest
 	  VMBOX_CTR_CRI=1 VMBOX_CTR_DIR=/run/vmbox-cri tests/containerd/containerd.sh stop; exit $$rc
 
 test: deps lint unit-test vm-test e2e-test
+
+# containerd 1.6.20's own CRI integration tests against vmbox (docs/kubernetes.md has
+# the results); not part of `make test`: its Go build and 30 pods take about 20 minutes.
+cri-integration: build guest
+	tests/cri-integration/run.sh
 
 # A fresh Debian 12 machine to a container in a micro-VM: installs, starts a private
 # containerd, imports a locally built busybox image, runs `uname -r` in the guest.

@@ -4,6 +4,10 @@
 #   usage: build-image.sh OUT.tar [IMAGE_NAME]
 # VMBOX_IMAGE_CMD: the image's Cmd as a JSON array (default ["sh"]); the CRI tests' pause
 # image is this busybox with a Cmd that sleeps for ever.
+# For containerd's CRI integration tests' volume images (space-separated lists):
+#   VMBOX_IMAGE_FILES="dir/file=content ..."  files added to the rootfs
+#   VMBOX_IMAGE_OWNER="path=uid:gid ..."      owners set on them
+#   VMBOX_IMAGE_VOLUMES="/dir ..."            the image config's Volumes
 set -euo pipefail
 cmd=${VMBOX_IMAGE_CMD:-'["sh"]'}
 # Absolute before anything runs with -C or changes directory.
@@ -21,7 +25,17 @@ for a in $("$busybox" --list); do [ -e "$root/bin/$a" ] || ln -s busybox "$root/
 echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
 echo "root:x:0:" > "$root/etc/group"
 chmod 1777 "$root/tmp"
-tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$root" -cf "$work/layer.tar" .
+for f in ${VMBOX_IMAGE_FILES:-}; do
+  mkdir -p "$root/$(dirname "${f%%=*}")"
+  printf '%s' "${f#*=}" > "$root/${f%%=*}"
+done
+chown -R 0:0 "$root"
+for o in ${VMBOX_IMAGE_OWNER:-}; do chown "${o#*=}" "$root/${o%%=*}"; done
+volumes=""
+for v in ${VMBOX_IMAGE_VOLUMES:-}; do volumes="$volumes${volumes:+,}\"$v\":{}"; done
+vol_json=""
+[ -z "$volumes" ] || vol_json=",\"Volumes\":{$volumes}"
+tar --sort=name --mtime=@0 --numeric-owner -C "$root" -cf "$work/layer.tar" .
 diff_id=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
 gzip -n -9 < "$work/layer.tar" > "$work/layer.tar.gz"
 layer=$(sha256sum "$work/layer.tar.gz" | cut -d' ' -f1)
@@ -30,7 +44,7 @@ blobs=$work/oci/blobs/sha256
 mkdir -p "$blobs"
 mv "$work/layer.tar.gz" "$blobs/$layer"
 cat > "$work/config.json" <<JSON
-{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":$cmd,"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:$diff_id"]}}
+{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":$cmd,"WorkingDir":"/"$vol_json},"rootfs":{"type":"layers","diff_ids":["sha256:$diff_id"]}}
 JSON
 config=$(sha256sum "$work/config.json" | cut -d' ' -f1)
 config_size=$(stat -c %s "$work/config.json")
