@@ -101,6 +101,8 @@ pub struct Containers {
     pub oom: OomEvents,
     engine: Engine,
     streams: Streams,
+    /// Serialises "is the pod's /dev/shm mounted yet, else mount it".
+    pod_shm: Arc<Mutex<()>>,
 }
 
 struct PreparedStdio {
@@ -122,6 +124,7 @@ impl Containers {
             reaper,
             oom: OomEvents::default(),
             streams,
+            pod_shm: Arc::default(),
         }
     }
 
@@ -208,6 +211,7 @@ impl Containers {
         if pod.shm_bytes > 0 {
             let dir = pod_shm(&pod.sandbox_id);
             let size = pod.shm_bytes;
+            let _one = self.pod_shm.lock().await;
             off_runtime("mount the pod's /dev/shm", move || mount_pod_shm(&dir, size)).await?;
         }
         if pod.namespaces.is_empty() {
@@ -811,11 +815,13 @@ pub fn ensure_cwd(base: &Path, rel: &Path, cwd: &Path) -> Result<(), AgentError>
             Ok(_) => {}
             Err(nix::errno::Errno::ENOENT) => {
                 let parent = open_in_root(&so_far).map_err(|e| fail(&format!("open {}", so_far.display()), e))?;
-                match nix::sys::stat::mkdirat(
-                    Some(parent.as_raw_fd()),
-                    name,
-                    nix::sys::stat::Mode::from_bits_truncate(0o755),
-                ) {
+                match crate::engine::retry_eintr(|| {
+                    nix::sys::stat::mkdirat(
+                        Some(parent.as_raw_fd()),
+                        name,
+                        nix::sys::stat::Mode::from_bits_truncate(0o755),
+                    )
+                }) {
                     Ok(()) => {}
                     // Created meanwhile, or a dangling symlink: whichever, it must open now.
                     Err(nix::errno::Errno::EEXIST) => {
@@ -859,7 +865,7 @@ fn dir_in_root(root: &std::fs::File, path: &Path) -> nix::Result<OwnedFd> {
         .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
         .resolve(ResolveFlag::RESOLVE_IN_ROOT);
     // SAFETY: openat2 returned a new descriptor that nothing else owns.
-    openat2(root.as_raw_fd(), rel, how).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+    crate::engine::retry_eintr(|| openat2(root.as_raw_fd(), rel, how)).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 #[cfg(test)]

@@ -113,18 +113,35 @@ impl Engine {
             .stdout(std::process::Stdio::null())
             .spawn()
             .map_err(|e| helper_err("spawn /proc/self/exe helper", &e))?;
-        let exited = self.reaper.watch(child.id() as i32, since);
+        let helper_pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let exited = self.reaper.watch(helper_pid.as_raw(), since);
         // Dropping a std Child neither kills nor waits: the reaper collects it.
         drop(child);
         let line = serde_json::to_vec(&req).map_err(|e| helper_err("encode request", &e))?;
-        let talk = tokio::task::spawn_blocking(move || -> Result<Response, EngineError> {
-            send_with_fds(&ours, &line, &fds).map_err(|e| helper_err("send request", &e))?;
+        let talk = tokio::task::spawn_blocking(move || -> (Result<Response, EngineError>, bool) {
+            if let Err(e) = send_with_fds(&ours, &line, &fds) {
+                return (Err(helper_err("send request", &e)), false);
+            }
             drop(fds);
             let deadline = std::time::Instant::now() + HELPER_TIMEOUT;
-            let reply = read_line(&ours, deadline).map_err(|e| helper_err("read reply", &e))?;
-            serde_json::from_slice(&reply).map_err(|e| helper_err("decode reply", &e))
+            match read_line(&ours, deadline) {
+                Ok(reply) => (
+                    serde_json::from_slice(&reply).map_err(|e| helper_err("decode reply", &e)),
+                    false,
+                ),
+                Err(e) => (
+                    Err(helper_err("read reply", &e)),
+                    e.kind() == std::io::ErrorKind::TimedOut,
+                ),
+            }
         });
-        let reply = talk.await.map_err(|e| helper_err("join", &e))?;
+        let (reply, stuck) = talk.await.map_err(|e| helper_err("join", &e))?;
+        if stuck {
+            // A helper that did not answer in time must not hold a slot (and its container
+            // half-made) for another HELPER_TIMEOUT. It is alive, or exited this very
+            // moment (its pid reused before this kill would take a pid_max cycle).
+            let _ = nix::sys::signal::kill(helper_pid, nix::sys::signal::Signal::SIGKILL);
+        }
         let exit = tokio::time::timeout(HELPER_TIMEOUT, exited)
             .await
             .map_err(|_| EngineError::Helper("did not exit".into()))?
@@ -461,7 +478,12 @@ mod tests {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
     use std::time::Instant;
 
-    extern "C" fn ignore(_: libc::c_int) {}
+    /// Signals handled so far (the handler only counts).
+    static HANDLED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    extern "C" fn count(_: libc::c_int) {
+        HANDLED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
 
     /// The state letter of thread `tid` of this process (`/proc/self/task/<tid>/stat`).
     fn thread_state(tid: i32) -> char {
@@ -477,7 +499,7 @@ mod tests {
     #[test]
     fn a_signal_during_the_reply_wait_does_not_fail_the_request() {
         // SA_RESTART, as tokio's own handlers: the read still fails with EINTR.
-        let action = SigAction::new(SigHandler::Handler(ignore), SaFlags::SA_RESTART, SigSet::empty());
+        let action = SigAction::new(SigHandler::Handler(count), SaFlags::SA_RESTART, SigSet::empty());
         // SAFETY: the handler does nothing; no other test uses SIGUSR1.
         unsafe { sigaction(Signal::SIGUSR1, &action) }.expect("sigaction");
         let (ours, mut theirs) = UnixStream::pair().expect("socketpair");
@@ -489,15 +511,23 @@ mod tests {
             read_line(&ours, Instant::now() + Duration::from_secs(20))
         });
         let (tid, thread) = rx.recv().expect("reader started");
+        let before = HANDLED.load(std::sync::atomic::Ordering::SeqCst);
         for round in 0..5 {
             let until = Instant::now() + Duration::from_secs(10);
-            while thread_state(tid) != 'S' {
+            // Each signal lands in a read of its own: the previous one was handled and
+            // the reader is asleep again.
+            while thread_state(tid) != 'S' || HANDLED.load(std::sync::atomic::Ordering::SeqCst) != before + round {
                 assert!(Instant::now() < until, "round {round}: reader never blocked in read");
                 assert!(!reader.is_finished(), "round {round}: reader returned early");
                 std::thread::yield_now();
             }
             // SAFETY: `thread` is alive: the reader has not returned (checked above).
             assert_eq!(unsafe { libc::pthread_kill(thread, libc::SIGUSR1) }, 0, "pthread_kill");
+        }
+        let until = Instant::now() + Duration::from_secs(10);
+        while HANDLED.load(std::sync::atomic::Ordering::SeqCst) != before + 5 {
+            assert!(Instant::now() < until, "the fifth signal was never handled");
+            std::thread::yield_now();
         }
         theirs.write_all(b"{\"pid\":7}\nrest").expect("reply");
         let line = reader.join().expect("reader panicked").expect("read_line");

@@ -84,8 +84,7 @@ pub struct VmConfig {
     pub memory_mib: u32,
     /// Upper bound of a sandbox's vCPUs after sizing; 0 is the host's online CPUs.
     pub max_vcpus: u32,
-    /// Upper bound of a sandbox's memory in MiB after sizing; 0 is no bound below
-    /// [`MAX_MEMORY_MIB`].
+    /// Upper bound of a sandbox's memory in MiB after sizing; 0 is the host's memory.
     pub max_memory_mib: u32,
     /// Under TCG: the size of QEMU's translated-code cache in MiB (`-accel tcg,tb-size=`);
     /// 0 leaves QEMU's default (up to 1 GiB). Host memory of every VM, not guest RAM.

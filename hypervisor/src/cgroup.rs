@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cgroups_rs::fs::{hierarchies, Cgroup};
-use cgroups_rs::CgroupPid;
 
 use crate::HypervisorError;
 
@@ -36,14 +35,43 @@ impl HostCgroup {
         })
     }
 
-    /// Moves process `pid` (all its threads) into the cgroup.
-    pub fn add(&self, pid: u32) -> Result<(), HypervisorError> {
-        self.cg
-            .add_task_by_tgid(CgroupPid::from(pid as u64))
-            .map_err(|e| HypervisorError::Cgroup {
+    /// Makes `cmd`'s child enter the cgroup before it executes: it writes `0` to each
+    /// hierarchy's `cgroup.procs` between fork and exec, so nothing the program does (a
+    /// daemon's first fork, QEMU loading the guest's kernel) is charged elsewhere.
+    /// Errors at spawn name the file the child could not write.
+    pub fn enter_on_exec(&self, cmd: &mut std::process::Command) -> Result<(), HypervisorError> {
+        use std::os::unix::process::CommandExt;
+        let mut files: Vec<std::ffi::CString> = Vec::new();
+        for s in self.cg.subsystems() {
+            let f = s.to_controller().path().join("cgroup.procs");
+            let c = std::ffi::CString::new(f.as_os_str().as_encoded_bytes()).map_err(|e| HypervisorError::Cgroup {
                 path: self.path.clone(),
-                detail: format!("add pid {pid}: {e}"),
-            })
+                detail: format!("{}: {e}", f.display()),
+            })?;
+            if !files.contains(&c) {
+                files.push(c);
+            }
+        }
+        // SAFETY: only open, write and close between fork and exec (async-signal-safe), on
+        // strings prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                for f in &files {
+                    let fd = libc::open(f.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    let err = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    if n != 1 {
+                        return Err(err);
+                    }
+                }
+                Ok(())
+            });
+        }
+        Ok(())
     }
 
     /// The cgroup's path below each hierarchy's root.

@@ -37,7 +37,8 @@ pub fn host_cgroup(spec: &Spec) -> Result<Option<PathBuf>, OciError> {
             return Err(bad("the systemd form slice:prefix:name has an empty name"));
         }
         let mut p = expand_slice(if slice.is_empty() { "system.slice" } else { slice }).map_err(|e| bad(&e))?;
-        p.push(if name.ends_with(".slice") || prefix.is_empty() {
+        // runc's unit name: a scope `<prefix>-<name>.scope` unless the name is a slice.
+        p.push(if name.ends_with(".slice") {
             name.to_string()
         } else {
             format!("{prefix}-{name}.scope")
@@ -100,6 +101,7 @@ mod tests {
             "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podu.slice/cri-containerd-abc.scope"
         );
         assert_eq!(p("-.slice:vmbox:x"), "vmbox-x.scope");
+        assert_eq!(p("machine.slice:vmbox:x.slice"), "machine.slice/x.slice");
         let mut none = Spec::default();
         none.set_linux(None);
         assert!(host_cgroup(&none).unwrap().is_none());

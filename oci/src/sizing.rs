@@ -12,7 +12,8 @@
 //!   quota); memory MiB = `vm.memory_mib` + ceil(limit / 1 MiB). The configured size is
 //!   the overhead: the guest kernel and agent live in it, so what the pod asks for stays
 //!   its own.
-//! - Both within `vm.max_vcpus` (0: the host's CPUs) and `vm.max_memory_mib`.
+//! - Both within `vm.max_vcpus` (0: the host's CPUs) and `vm.max_memory_mib` (0: the
+//!   host's memory).
 //! - `io.vmbox.vcpus` / `io.vmbox.memory_mib` replace the computed figure (still bounded).
 
 use std::collections::HashMap;
@@ -101,23 +102,53 @@ pub struct VmSize {
     pub why: String,
 }
 
-/// Sizes the VM of a sandbox whose first container has `spec` and `ann`, on a host with
-/// `host_cpus` online CPUs. See the module's rules.
-pub fn vm_size(spec: &Spec, ann: &crate::Annotations, vm: &VmConfig, host_cpus: u32) -> VmSize {
+/// What bounds a VM by default (`vm.max_vcpus`/`vm.max_memory_mib` = 0): the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Host {
+    /// Online CPUs.
+    pub cpus: u32,
+    /// MemTotal, MiB.
+    pub memory_mib: u32,
+}
+
+impl Host {
+    /// This host (`available_parallelism`, /proc/meminfo); 1 CPU and no memory bound
+    /// below [`vmbox_config::MAX_MEMORY_MIB`] where they cannot be read.
+    pub fn probe() -> Host {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        let memory_mib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map(|kib| (kib / 1024).min(vmbox_config::MAX_MEMORY_MIB as u64) as u32)
+            .unwrap_or(vmbox_config::MAX_MEMORY_MIB);
+        Host { cpus, memory_mib }
+    }
+}
+
+/// Sizes the VM of a sandbox whose first container has `spec` and `ann`, on `host`. See
+/// the module's rules.
+pub fn vm_size(spec: &Spec, ann: &crate::Annotations, vm: &VmConfig, host: Host) -> VmSize {
     let (request, from) = if ann.sandbox_id.is_some() {
         (ann.pod_resources, "the pod's CRI annotations")
     } else {
         (Request::from_spec(spec), "the container's linux.resources")
     };
     let max_vcpus = match vm.max_vcpus {
-        0 => host_cpus.max(1),
+        0 => host.cpus.max(1),
         n => n,
     }
     .max(vm.vcpus);
     let max_memory = match vm.max_memory_mib {
-        0 => vmbox_config::MAX_MEMORY_MIB,
+        0 => host.memory_mib,
         n => n,
-    };
+    }
+    .max(vm.memory_mib);
     let mut why = Vec::new();
     let vcpus = match ann.vcpus {
         Some(v) => {
@@ -166,7 +197,15 @@ mod tests {
     }
 
     fn size(ann: &Annotations, vm: &VmConfig) -> (u32, u32) {
-        let s = vm_size(&Spec::default(), ann, vm, 8);
+        let s = vm_size(
+            &Spec::default(),
+            ann,
+            vm,
+            Host {
+                cpus: 8,
+                memory_mib: 16384,
+            },
+        );
         (s.vcpus, s.memory_mib)
     }
 
@@ -206,7 +245,12 @@ mod tests {
         let mut o = pod(&[(crate::ANN_VCPUS, "2"), (crate::ANN_MEMORY_MIB, "300")]);
         assert_eq!(size(&o, &VmConfig::default()), (2, 300));
         o.vcpus = Some(16);
-        assert_eq!(size(&o, &VmConfig::default()), (8, 300), "max_vcpus 0 is the host's 8");
+        o.memory_mib = Some(65536);
+        assert_eq!(
+            size(&o, &VmConfig::default()),
+            (8, 16384),
+            "max_vcpus and max_memory_mib 0 are the host's 8 CPUs and 16 GiB"
+        );
     }
 
     #[test]
@@ -216,7 +260,15 @@ mod tests {
             "linux": {"resources": {"cpu": {"quota": 200000, "period": 100000}, "memory": {"limit": 134217728}}}
         }))
         .unwrap();
-        let s = vm_size(&spec, &Annotations::default(), &VmConfig::default(), 8);
+        let s = vm_size(
+            &spec,
+            &Annotations::default(),
+            &VmConfig::default(),
+            Host {
+                cpus: 8,
+                memory_mib: 16384,
+            },
+        );
         assert_eq!((s.vcpus, s.memory_mib), (3, 384), "{}", s.why);
     }
 

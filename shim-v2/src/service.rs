@@ -93,8 +93,20 @@ impl Shim for Service {
             .ok()
             .map(|p| std::path::PathBuf::from(String::from_utf8_lossy(&p).into_owned()))
             .filter(|p| p.is_absolute())
-            .map(|p| Config::from_file(&p).map_err(|e| e.to_string()));
+            .and_then(|p| match Config::from_file(&p) {
+                Ok(c) => Some(Ok(c)),
+                Err(e) => {
+                    log::warn!("delete: the recorded config does not load ({e}); using the default");
+                    None
+                }
+            });
         let config = recorded.unwrap_or_else(|| self.config.clone());
+        if let Err(e) = &config {
+            log::warn!(
+                "delete: no usable config ({e}): what sandbox {} left is not cleaned up",
+                self.id
+            );
+        }
         let layout = match (&config, Id::parse("id", &sandbox)) {
             (Ok(config), Ok(id)) => layout(&config.state_dir, &self.namespace, &id)
                 .ok()

@@ -73,6 +73,33 @@ pub fn cri_containerd() -> &'static Containerd {
 pub struct Cri {
     pub rt: RuntimeServiceClient<Channel>,
     pub containerd: &'static Containerd,
+    /// Pods this client made and has not removed: a test that fails half-way does not
+    /// leave their VMs running for the next tests (see `Drop`).
+    pods: Vec<String>,
+}
+
+impl Drop for Cri {
+    /// Stops and removes the pods left behind (a failed test), on a runtime of its own.
+    fn drop(&mut self) {
+        let pods = std::mem::take(&mut self.pods);
+        if pods.is_empty() {
+            return;
+        }
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            rt.block_on(async {
+                let Ok(mut c) = Cri::connect().await else { return };
+                for p in pods {
+                    if let Err(e) = c.stop_and_remove_pod(&p).await {
+                        eprintln!("cleanup of pod {p}: {e}");
+                    }
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
 }
 
 /// A pod as the tests make it: its id and the config it was made with (CreateContainer
@@ -125,7 +152,15 @@ impl Cri {
         Ok(Cri {
             rt: RuntimeServiceClient::new(channel),
             containerd,
+            pods: Vec::new(),
         })
+    }
+
+    /// A new connection (after containerd restarted), keeping the pods this client made.
+    pub async fn reconnect(&mut self) -> Result<()> {
+        let fresh = Cri::connect().await?;
+        self.rt = fresh.rt.clone();
+        Ok(())
     }
 
     /// RunPodSandbox with a unique name from `name`.
@@ -165,6 +200,7 @@ impl Cri {
             }))
             .await;
         let id = call("RunPodSandbox", r)?.pod_sandbox_id;
+        self.pods.push(id.clone());
         Ok(Pod { id, config })
     }
 
@@ -318,7 +354,9 @@ impl Cri {
                 pod_sandbox_id: pod.into(),
             }))
             .await;
-        call("RemovePodSandbox", r).map(|_| ())
+        call("RemovePodSandbox", r)?;
+        self.pods.retain(|p| p != pod);
+        Ok(())
     }
 
     /// StopPodSandbox then RemovePodSandbox.

@@ -74,7 +74,12 @@ async fn containers_of_a_pod_share_localhost_ipc_hostname_and_shm() -> Result<()
         "/dev/shm is the pod's tmpfs in the guest"
     );
     // Containers keep their own PID namespace unless the pod asks (CONTAINER mode).
-    assert_eq!(c.sh(&client, "ps -o pid,args | grep -c '[n]c -ll' || true").await?, "0");
+    let ps = c.sh(&client, "ps -o pid,args").await?;
+    assert!(
+        ps.contains("sleep 600"),
+        "ps works and shows the client's own process: {ps}"
+    );
+    assert!(!ps.contains("nc -ll"), "the server's process is not visible: {ps}");
     remove_and_check(&mut c, &pod).await
 }
 
@@ -341,6 +346,12 @@ async fn pods_survive_a_containerd_restart_ready_or_not() -> Result<()> {
     let app = c.run_container(&ready, "app", &["sleep", "600"]).await?;
     let dead = c.run_pod("restart-dead", PodSpec::default()).await?;
     let pid = c.sandbox_pid(&dead.id).await?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    assert!(
+        exe.ends_with("qemu-system-x86_64"),
+        "pid {pid} is {}, not the VMM",
+        exe.display()
+    );
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;
     let t = Instant::now();
     while c.pod_ready(&dead.id).await? {
@@ -350,7 +361,7 @@ async fn pods_survive_a_containerd_restart_ready_or_not() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     c.containerd.restart();
-    let mut c = Cri::connect().await?;
+    c.reconnect().await?;
     let t = Instant::now();
     loop {
         match c.pod_ready(&ready.id).await {
@@ -383,8 +394,13 @@ async fn exec_with_a_tty_and_64_hex_ids_works_like_kubectl_exec_it() -> Result<(
     assert!(out.contains("/dev/pts/"), "a terminal: {out:?}");
     assert!(out.contains("33 101"), "the resize reached it: {out:?}");
     assert!(out.contains("typed-42"), "typed input ran: {out:?}");
-    let status = s.status.clone().unwrap_or_default();
-    assert!(status.contains("7"), "exit 7 in the final status: {status}");
+    // The v4 status: Failure, with the exit code as a cause (as `kubectl exec` reports it).
+    let status: serde_json::Value = serde_json::from_str(s.status.as_deref().unwrap_or("{}"))?;
+    let code = status["details"]["causes"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["reason"] == "ExitCode"))
+        .and_then(|c| c["message"].as_str());
+    assert_eq!(code, Some("7"), "exit 7 in the final status: {status}");
     remove_and_check(&mut c, &pod).await
 }
 

@@ -129,11 +129,12 @@ fn reserve_cid() -> Result<(OwnedFd, u32), HypervisorError> {
 }
 
 impl QemuVm {
-    /// Moves a just-started child into the sandbox's host cgroup, if it has one.
-    fn join_cgroup(&self, child: Option<&Child>) -> Result<(), HypervisorError> {
-        match (&self.cgroup, child) {
-            (Some(cg), Some(c)) => cg.add(c.pid),
-            _ => Ok(()),
+    /// Makes a child started from `cmd` run in the sandbox's host cgroup from its exec
+    /// on, if the sandbox has one.
+    fn enter_cgroup(&self, cmd: &mut Command) -> Result<(), HypervisorError> {
+        match &self.cgroup {
+            Some(cg) => cg.enter_on_exec(cmd),
+            None => Ok(()),
         }
     }
 
@@ -189,8 +190,19 @@ impl QemuVm {
         if let Some(path) = &spec.cgroup {
             // Recorded first, so a shim that dies right after still gets it removed.
             let file = dir.join(CGROUP_FILE);
-            std::fs::write(&file, path.as_os_str().as_encoded_bytes()).map_err(HypervisorError::io("write", &file))?;
-            vm.cgroup = Some(crate::cgroup::HostCgroup::create(path)?);
+            let made = std::fs::write(&file, path.as_os_str().as_encoded_bytes())
+                .map_err(HypervisorError::io("write", &file))
+                .and_then(|()| crate::cgroup::HostCgroup::create(path));
+            match made {
+                Ok(cg) => vm.cgroup = Some(cg),
+                Err(e) => {
+                    // Nothing runs yet: the run directory and any part of the cgroup go.
+                    if let Err(c) = cleanup_run_dir(&dir) {
+                        log::warn!("vm {}: {c}", spec.name);
+                    }
+                    return Err(e);
+                }
+            }
         }
         // From here on, any error leaves through `stop`, which removes what was started.
         match vm.boot(cfg, &spec, &qemu_bin, vhostfd).await {
@@ -228,9 +240,9 @@ impl QemuVm {
             cmd.arg(format!("--socket-path={}", fs_sock.display()))
                 .arg(format!("--shared-dir={}", shared.display()))
                 .args(["--cache=auto", "--sandbox=namespace", "--log-level=warn"]);
+            self.enter_cgroup(&mut cmd)?;
             self.daemons
                 .push(Child::spawn("virtiofsd", cmd, &dir.join("virtiofsd.log"))?);
-            self.join_cgroup(self.daemons.last())?;
             sockets.push((
                 fs_sock.clone(),
                 "virtiofsd",
@@ -248,9 +260,9 @@ impl QemuVm {
                     vsock_sock.display(),
                     uds.display()
                 ));
+                self.enter_cgroup(&mut cmd)?;
                 self.daemons
                     .push(Child::spawn("vhost-device-vsock", cmd, &dir.join("vsock.log"))?);
-                self.join_cgroup(self.daemons.last())?;
                 sockets.push((
                     vsock_sock.clone(),
                     "vhost-device-vsock",
@@ -319,6 +331,8 @@ impl QemuVm {
         // guest's part of the boot are timed apart.
         let t_qemu = Instant::now();
         let inherit = vhostfd.as_ref().map(|f| f.as_raw_fd());
+        let mut cmd = cmd;
+        self.enter_cgroup(&mut cmd)?;
         let qemu = Child::spawn_with("qemu", cmd, &dir.join("qemu.log"), |cmd| {
             use std::os::unix::process::CommandExt;
             if let Some(fd) = inherit {
@@ -338,10 +352,6 @@ impl QemuVm {
         drop(vhostfd);
         self.write_pids(Some(qemu.pid))?;
         let qemu = &*self.qemu.insert(qemu);
-        // Inserted first: a failure here leaves through `stop`, which stops QEMU.
-        if let Some(cg) = &self.cgroup {
-            cg.add(qemu.pid)?;
-        }
         let timeout = Duration::from_millis(cfg.timeouts.boot_ms);
         let deadline = tokio::time::Instant::now() + timeout;
         let console = self.console.as_ref();

@@ -26,8 +26,8 @@ impl Core {
                 "restoring from a checkpoint is not implemented".into(),
             ));
         }
-        let config = self.config_for(req.config_path.as_deref())?;
-        if let Some(p) = &req.config_path {
+        let (config, config_path) = self.config_for(req.config_path.as_deref())?;
+        if let Some(p) = &config_path {
             // For `delete` after this shim died: it finds the sandbox's state_dir there.
             let file = std::path::Path::new(&req.bundle).join(crate::options::BUNDLE_CONFIG_PATH);
             if let Err(e) = std::fs::write(&file, p.as_os_str().as_encoded_bytes()) {
@@ -38,7 +38,7 @@ impl Core {
         let spec = vmbox_oci::load_spec(&bundle)?;
         let ann = Annotations::parse(spec.annotations().as_ref())?;
         let guest = to_guest(&spec, req.id.as_str(), &ann)?;
-        let size = vmbox_oci::sizing::vm_size(&spec, &ann, &config.vm, host_cpus());
+        let size = vmbox_oci::sizing::vm_size(&spec, &ann, &config.vm, vmbox_oci::sizing::Host::probe());
         let shape = Shape {
             vcpus: size.vcpus,
             memory_mib: size.memory_mib,
@@ -354,14 +354,20 @@ impl Core {
 
     pub async fn kill(&self, p: &ProcessRef, signal: u32, all: bool) -> Result<(), ShimError> {
         let c = self.container(&p.container)?;
-        let sandbox = self.sandbox()?;
         let exited = c.with(|procs| procs.get(p).map(|e| e.exit().is_some()))?;
+        // The process is gone with its VM even before the VM's watcher recorded it.
+        let sandbox = self.sandbox().ok().filter(|s| s.vm.exited().is_none());
+        let Some(sandbox) = sandbox else {
+            return Err(ShimError::NotFound(format!(
+                "{p}: process already finished (its VM is gone)"
+            )));
+        };
         if exited {
             // What is left of the container (`all`) still gets the signal; the answer is
             // runc's for a stopped container, NotFound, which containerd's
             // `Delete(WithProcessKill)` accepts. An error here (the VM is gone) would make
             // CRI retry its TaskExit handling for ever and never mark the pod NOTREADY.
-            if all && sandbox.vm.exited().is_none() {
+            if all {
                 if let Err(e) = sandbox.agent.signal(p, signal, all).await {
                     log::debug!("kill --all of stopped {p}: {e}");
                 }
@@ -430,11 +436,4 @@ impl Core {
         self.finish_shutdown(shutdown).await;
         Ok((pid, exit))
     }
-}
-
-/// The host's online CPUs (the default bound of a sandbox's vCPUs).
-fn host_cpus() -> u32 {
-    std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1)
 }

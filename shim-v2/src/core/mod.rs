@@ -181,16 +181,22 @@ impl Core {
     ///
     /// Errors: the environment's config or the named file is invalid (InvalidArgument,
     /// naming the file and key).
-    pub(super) fn config_for(&self, path: Option<&std::path::Path>) -> Result<Config, ShimError> {
-        let first = {
-            let st = self.lock();
-            matches!(st.slot, Slot::Empty) && st.containers.is_empty()
-        };
+    ///
+    /// Returns the config and the file it came from (`None`: the environment's).
+    pub(super) fn config_for(
+        &self,
+        path: Option<&std::path::Path>,
+    ) -> Result<(Config, Option<std::path::PathBuf>), ShimError> {
+        // Lock order: state, then config; the choice is made while no sandbox can appear.
+        let st = self.lock();
+        let first = matches!(st.slot, Slot::Empty) && st.containers.is_empty();
         let mut chosen = self.config.lock().unwrap_or_else(|p| p.into_inner());
         match path {
             Some(p) if chosen.path.as_deref() != Some(p) => {
                 if first {
-                    chosen.config = Config::from_file(p).map_err(|e| e.to_string());
+                    // A file that does not load is not adopted: the next Create tries again.
+                    let config = Config::from_file(p).map_err(|e| ShimError::Invalid(e.to_string()))?;
+                    chosen.config = Ok(config);
                     chosen.path = Some(p.to_path_buf());
                     log::info!("config from the runtime options: {}", p.display());
                 } else {
@@ -207,7 +213,9 @@ impl Core {
             }
             _ => {}
         }
-        chosen.config.clone().map_err(ShimError::Invalid)
+        drop(st);
+        let config = chosen.config.clone().map_err(ShimError::Invalid)?;
+        Ok((config, chosen.path.clone()))
     }
 
     fn publish(&self, e: Event) {
