@@ -29,6 +29,13 @@ const RUNTIME: &str = "io.containerd.vmbox.v2";
 pub const EXIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn main() {
+    // A panic in a request handler ends that connection's tasks, which containerd sees as
+    // "shim disconnected"; the shim's stderr goes nowhere, so the panic goes to its log.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        log::error!("panic: {info}");
+        default_hook(info);
+    }));
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

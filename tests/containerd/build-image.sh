@@ -5,7 +5,7 @@
 # VMBOX_IMAGE_CMD: the image's Cmd as a JSON array (default ["sh"]); the CRI tests' pause
 # image is this busybox with a Cmd that sleeps for ever.
 # For containerd's CRI integration tests' volume images (space-separated lists):
-#   VMBOX_IMAGE_FILES="dir/file=content ..."  files added to the rootfs
+#   VMBOX_IMAGE_FILES="dir/file=content ..."  files added to the rootfs (printf %b escapes)
 #   VMBOX_IMAGE_OWNER="path=uid:gid ..."      owners set on them
 #   VMBOX_IMAGE_VOLUMES="/dir ..."            the image config's Volumes
 set -euo pipefail
@@ -22,12 +22,16 @@ root=$work/rootfs
 mkdir -p "$root"/{bin,etc,proc,sys,dev,tmp,root,data}
 cp "$busybox" "$root/bin/busybox"
 for a in $("$busybox" --list); do [ -e "$root/bin/$a" ] || ln -s busybox "$root/bin/$a"; done
-echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
-echo "root:x:0:" > "$root/etc/group"
+# The users and groups of Docker's busybox image (containerd's CRI tests name them).
+printf '%s\n' "root:x:0:0:root:/root:/bin/sh" "daemon:x:1:1:daemon:/usr/sbin:/bin/false" \
+  "bin:x:2:2:bin:/bin:/bin/false" "sys:x:3:3:sys:/dev:/bin/false" \
+  "nobody:x:65534:65534:nobody:/home:/bin/false" > "$root/etc/passwd"
+printf '%s\n' "root:x:0:" "daemon:x:1:" "bin:x:2:" "sys:x:3:" "wheel:x:10:root" \
+  "nogroup:x:65534:" > "$root/etc/group"
 chmod 1777 "$root/tmp"
 for f in ${VMBOX_IMAGE_FILES:-}; do
   mkdir -p "$root/$(dirname "${f%%=*}")"
-  printf '%s' "${f#*=}" > "$root/${f%%=*}"
+  printf '%b' "${f#*=}" > "$root/${f%%=*}"
 done
 chown -R 0:0 "$root"
 for o in ${VMBOX_IMAGE_OWNER:-}; do chown "${o#*=}" "$root/${o%%=*}"; done

@@ -52,28 +52,36 @@ if [ ! -x "$bin" ]; then
     GOCACHE=$cache/gocache go test -c -o "$bin" ./integration)
 fi
 
-# --- 2. Images, built locally (no registry) ----------------------------------------------
+# --- 2. Images, built locally, served by a registry of the test's own --------------------
+# Some tests pull (or delete and pull again): Debian's docker-registry on 127.0.0.1:5000
+# in containerd's network namespace, where containerd talks plain HTTP to localhost.
+for p in docker-registry skopeo; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$p" >/dev/null
+done
+reg=127.0.0.1:5000
 mkdir -p "$out"
 img() { # name cmd-json [extra-env...]
   local tar=$cache/$(echo "$1" | tr '/:' '__').tar
   [ -f "$tar" ] || env "${@:3}" VMBOX_IMAGE_CMD="$2" "$repo/tests/containerd/build-image.sh" "$tar" "$1" >/dev/null
   echo "$tar"
 }
-busybox=$(img docker.io/vmbox/busybox:latest '["sh"]')
-pause=$(img docker.io/vmbox/pause:latest '["sleep","2147483647"]')
-copyup=$(img docker.io/vmbox/volume-copy-up:latest '["sh"]' VMBOX_IMAGE_FILES="test_dir/test_file=test_content" VMBOX_IMAGE_VOLUMES=/test_dir)
-owner=$(img docker.io/vmbox/volume-ownership:latest '["sh"]' VMBOX_IMAGE_FILES="test_dir/.keep=" VMBOX_IMAGE_OWNER="test_dir=65534:65534" VMBOX_IMAGE_VOLUMES=/test_dir)
+busybox=$(img $reg/vmbox/busybox:latest '["sh"]')
+pause=$(img $reg/vmbox/pause:latest '["sleep","2147483647"]')
+copyup=$(img $reg/vmbox/volume-copy-up:latest '["sh"]' VMBOX_IMAGE_FILES='test_dir/test_file=test_content\n' VMBOX_IMAGE_VOLUMES=/test_dir)
+owner=$(img $reg/vmbox/volume-ownership:latest '["sh"]' VMBOX_IMAGE_FILES="test_dir/.keep=" VMBOX_IMAGE_OWNER="test_dir=65534:65534" VMBOX_IMAGE_VOLUMES=/test_dir)
 cat > "$out/images.toml" <<TOML
-alpine = "docker.io/vmbox/busybox:latest"
-busybox = "docker.io/vmbox/busybox:latest"
-pause = "docker.io/vmbox/pause:latest"
-ResourceConsumer = "docker.io/vmbox/busybox:latest"
-VolumeCopyUp = "docker.io/vmbox/volume-copy-up:latest"
-VolumeOwnership = "docker.io/vmbox/volume-ownership:latest"
+alpine = "$reg/vmbox/busybox:latest"
+busybox = "$reg/vmbox/busybox:latest"
+pause = "$reg/vmbox/pause:latest"
+ResourceConsumer = "$reg/vmbox/busybox:latest"
+VolumeCopyUp = "$reg/vmbox/volume-copy-up:latest"
+VolumeOwnership = "$reg/vmbox/volume-ownership:latest"
 TOML
 
 # --- 3. A private containerd with CRI, in a network namespace of its own -----------------
 stop_all() {
+  [ -f "$out/registry.pid" ] && kill "$(cat "$out/registry.pid")" 2>/dev/null || true
   [ -f "$out/supervisor.pid" ] && kill "$(cat "$out/supervisor.pid")" 2>/dev/null || true
   pkill -x "$ctrd_name" 2>/dev/null || true
   for _ in $(seq 1 100); do pgrep -x "$ctrd_name" >/dev/null || break; sleep 0.1; done
@@ -108,7 +116,7 @@ state = "$out/state"
 [ttrpc]
   address = "$out/containerd.sock.ttrpc"
 [plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "docker.io/vmbox/pause:latest"
+  sandbox_image = "$reg/vmbox/pause:latest"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     default_runtime_name = "vmbox"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.vmbox]
@@ -134,14 +142,28 @@ for _ in $(seq 1 100); do
   ctr --address "$out/containerd.sock" version >/dev/null 2>&1 && break
   sleep 0.1
 done
+cat > "$out/registry.yml" <<YML
+version: 0.1
+log: {level: warn}
+storage: {filesystem: {rootdirectory: $out/registry}}
+http: {addr: $reg}
+YML
+nsenter "--net=/var/run/netns/$netns" docker-registry serve "$out/registry.yml" >> "$out/registry.log" 2>&1 &
+echo $! > "$out/registry.pid"
 for t in "$busybox" "$pause" "$copyup" "$owner"; do
+  name=$(tar -xOf "$t" ./index.json | sed 's/.*"io.containerd.image.name":"\([^"]*\)".*/\1/')
+  for _ in $(seq 1 50); do
+    nsenter "--net=/var/run/netns/$netns" skopeo copy -q --dest-tls-verify=false "oci-archive:$t" "docker://$name" 2>>"$out/registry.log" && break
+    sleep 0.2
+  done
   ctr --address "$out/containerd.sock" -n k8s.io image import "$t" >/dev/null
 done
 
 # --- 4. The tests ------------------------------------------------------------------------
 echo "cri-integration: running $tests"
 set +e
-(cd "$src/integration" && "$bin" -test.v -test.timeout 60m -test.run "$tests" \
+# In containerd's network namespace too: some tests pull from the registry themselves.
+(cd "$src/integration" && nsenter "--net=/var/run/netns/$netns" "$bin" -test.v -test.timeout 60m -test.run "$tests" \
   -cri-endpoint "unix://$out/containerd.sock" -cri-root "$out/root/io.containerd.grpc.v1.cri" \
   -runtime-handler vmbox -containerd-bin "$ctrd_name" -image-list "$out/images.toml") > "$out/tests.log" 2>&1
 rc=$?
