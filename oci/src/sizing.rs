@@ -6,8 +6,8 @@
 //! - **Pod** (CRI sandbox): what the pod asks for, from containerd's sandbox annotations
 //!   ([`ANN_SANDBOX_CPU_QUOTA`]/[`ANN_SANDBOX_CPU_PERIOD`], else [`ANN_SANDBOX_CPU_SHARES`];
 //!   [`ANN_SANDBOX_MEMORY`]), i.e. the sum of its containers' limits.
-//! - **Lone container** (`ctr run`): its own `linux.resources` (CPU quota/period or
-//!   shares, memory limit).
+//! - **Lone container** (`ctr run`): its own `linux.resources` (CPU quota/period, memory
+//!   limit; not its shares, which containerd sets to 1024 for every container).
 //! - vCPUs = `vm.vcpus` + ceil(quota / period) (or ceil(shares / 1024) when there is no
 //!   quota); memory MiB = `vm.memory_mib` + ceil(limit / 1 MiB). The configured size is
 //!   the overhead: the guest kernel and agent live in it, so what the pod asks for stays
@@ -58,7 +58,9 @@ impl Request {
         })
     }
 
-    /// A lone container's own `linux.resources`.
+    /// A lone container's own `linux.resources`: its limits (CPU quota/period, memory).
+    /// Not its shares: containerd's default spec gives every container 1024, a weight, not
+    /// a request for a CPU.
     pub fn from_spec(spec: &Spec) -> Request {
         let Some(r) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) else {
             return Request::default();
@@ -67,7 +69,7 @@ impl Request {
         Request {
             cpu_quota: cpu.and_then(|c| c.quota()),
             cpu_period: cpu.and_then(|c| c.period()),
-            cpu_shares: cpu.and_then(|c| c.shares()),
+            cpu_shares: None,
             memory_bytes: r.memory().as_ref().and_then(|m| m.limit()),
         }
     }
@@ -251,6 +253,26 @@ mod tests {
             (8, 16384),
             "max_vcpus and max_memory_mib 0 are the host's 8 CPUs and 16 GiB"
         );
+    }
+
+    #[test]
+    fn a_lone_containers_default_shares_ask_for_nothing() {
+        // containerd's default spec (ctr run): shares 1024, no quota, no limit.
+        let spec: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "linux": {"resources": {"cpu": {"shares": 1024}}}
+        }))
+        .unwrap();
+        let s = vm_size(
+            &spec,
+            &Annotations::default(),
+            &VmConfig::default(),
+            Host {
+                cpus: 8,
+                memory_mib: 16384,
+            },
+        );
+        assert_eq!((s.vcpus, s.memory_mib), (1, 256), "{}", s.why);
     }
 
     #[test]

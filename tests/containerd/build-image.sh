@@ -8,6 +8,7 @@
 #   VMBOX_IMAGE_FILES="dir/file=content ..."  files added to the rootfs (printf %b escapes)
 #   VMBOX_IMAGE_OWNER="path=uid:gid ..."      owners set on them
 #   VMBOX_IMAGE_VOLUMES="/dir ..."            the image config's Volumes
+#   VMBOX_IMAGE_ADD=DIR                       a tree copied into the rootfs
 set -euo pipefail
 cmd=${VMBOX_IMAGE_CMD:-'["sh"]'}
 # Absolute before anything runs with -C or changes directory.
@@ -29,6 +30,7 @@ printf '%s\n' "root:x:0:0:root:/root:/bin/sh" "daemon:x:1:1:daemon:/usr/sbin:/bi
 printf '%s\n' "root:x:0:" "daemon:x:1:" "bin:x:2:" "sys:x:3:" "wheel:x:10:root" \
   "nogroup:x:65534:" > "$root/etc/group"
 chmod 1777 "$root/tmp"
+if [ -n "${VMBOX_IMAGE_ADD:-}" ]; then cp -a "$VMBOX_IMAGE_ADD"/. "$root"/; fi
 for f in ${VMBOX_IMAGE_FILES:-}; do
   mkdir -p "$root/$(dirname "${f%%=*}")"
   printf '%b' "${f#*=}" > "$root/${f%%=*}"

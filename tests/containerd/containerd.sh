@@ -46,6 +46,9 @@ JSON
       cat >> "$dir/config.toml" <<TOML
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$pause"
+  # Pod network namespaces under the state dir: a run that is killed leaves none in
+  # /var/run/netns (the next run's reset unmounts everything under its directory).
+  netns_mounts_under_state_dir = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   [plugins."io.containerd.grpc.v1.cri".containerd]

@@ -69,12 +69,24 @@ img() { # name cmd-json [extra-env...]
 busybox=$(img $reg/vmbox/busybox:latest '["sh"]')
 pause=$(img $reg/vmbox/pause:latest '["sleep","2147483647"]')
 copyup=$(img $reg/vmbox/volume-copy-up:latest '["sh"]' VMBOX_IMAGE_FILES='test_dir/test_file=test_content\n' VMBOX_IMAGE_VOLUMES=/test_dir)
+# Kubernetes' resource-consumer image is `stress` (TestContainerConsumedStats): Debian's,
+# with the libraries it links, on busybox.
+stress_root=$cache/stress-root
+if [ ! -x "$stress_root/usr/bin/stress" ]; then
+  rm -rf "$cache/stress" && mkdir -p "$cache/stress" "$stress_root/usr/bin"
+  (cd "$cache/stress" && apt-get download -q stress >/dev/null 2>&1 && dpkg-deb -x stress_*.deb x)
+  cp "$cache/stress/x/usr/bin/stress" "$stress_root/usr/bin/"
+  for lib in $(ldd "$stress_root/usr/bin/stress" | grep -o '/[^ ]*'); do
+    mkdir -p "$stress_root$(dirname "$lib")" && cp -L "$lib" "$stress_root$lib"
+  done
+fi
+consumer=$(img $reg/vmbox/resource-consumer:latest '["sleep","2147483647"]' VMBOX_IMAGE_ADD="$stress_root")
 owner=$(img $reg/vmbox/volume-ownership:latest '["sh"]' VMBOX_IMAGE_FILES="test_dir/.keep=" VMBOX_IMAGE_OWNER="test_dir=65534:65534" VMBOX_IMAGE_VOLUMES=/test_dir)
 cat > "$out/images.toml" <<TOML
 alpine = "$reg/vmbox/busybox:latest"
 busybox = "$reg/vmbox/busybox:latest"
 pause = "$reg/vmbox/pause:latest"
-ResourceConsumer = "$reg/vmbox/busybox:latest"
+ResourceConsumer = "$reg/vmbox/resource-consumer:latest"
 VolumeCopyUp = "$reg/vmbox/volume-copy-up:latest"
 VolumeOwnership = "$reg/vmbox/volume-ownership:latest"
 TOML
@@ -117,6 +129,7 @@ state = "$out/state"
   address = "$out/containerd.sock.ttrpc"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$reg/vmbox/pause:latest"
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     default_runtime_name = "vmbox"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.vmbox]
@@ -150,7 +163,7 @@ http: {addr: $reg}
 YML
 nsenter "--net=/var/run/netns/$netns" docker-registry serve "$out/registry.yml" >> "$out/registry.log" 2>&1 &
 echo $! > "$out/registry.pid"
-for t in "$busybox" "$pause" "$copyup" "$owner"; do
+for t in "$busybox" "$pause" "$copyup" "$owner" "$consumer"; do
   name=$(tar -xOf "$t" ./index.json | sed 's/.*"io.containerd.image.name":"\([^"]*\)".*/\1/')
   for _ in $(seq 1 50); do
     nsenter "--net=/var/run/netns/$netns" skopeo copy -q --dest-tls-verify=false "oci-archive:$t" "docker://$name" 2>>"$out/registry.log" && break
