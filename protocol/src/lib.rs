@@ -33,7 +33,7 @@ pub const POD_SHM_DIR: &str = "/run/vmbox/pod-shm";
 
 /// Bumped on every incompatible change of the protocol; host and guest must agree.
 /// 2: `CreateContainerRequest.pod` (pod namespaces and /dev/shm).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Default host vsock port for the agent's hello (guest dials CID 2); the host picks
 /// one per VM and passes it as `vmbox.hello_port=`.
