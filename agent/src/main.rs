@@ -53,6 +53,8 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Engine(#[from] engine::EngineError),
+    #[error(transparent)]
+    Network(#[from] vmbox_network::NetworkError),
 }
 
 impl AgentError {
@@ -79,6 +81,8 @@ impl From<AgentError> for ttrpc::Error {
             AgentError::Invalid(_) => ttrpc::Code::INVALID_ARGUMENT,
             AgentError::FailedPrecondition(_) => ttrpc::Code::FAILED_PRECONDITION,
             AgentError::AlreadyExists(_) => ttrpc::Code::ALREADY_EXISTS,
+            AgentError::Network(vmbox_network::NetworkError::Invalid(_)) => ttrpc::Code::INVALID_ARGUMENT,
+            AgentError::Network(vmbox_network::NetworkError::NoNic { .. }) => ttrpc::Code::NOT_FOUND,
             _ => ttrpc::Code::INTERNAL,
         };
         ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))

@@ -164,6 +164,21 @@ impl Agent for Service {
         Ok(Empty::new())
     }
 
+    async fn setup_network(&self, _: &TtrpcContext, r: Network) -> Res<Network> {
+        let applied = async {
+            let want = vmbox_network::proto::decode(&r)?;
+            // Netlink on a thread of its own (the guest's one namespace; no setns).
+            let view = tokio::task::spawn_blocking(move || {
+                vmbox_network::netns::run_in(None, move |h| async move { vmbox_network::guest::apply(&h, &want).await })
+            })
+            .await
+            .map_err(|e| AgentError::Internal(format!("network thread: {e}")))??;
+            log::info!("network: {}", view.to_string().trim_end().replace('\n', "; "));
+            Ok::<_, AgentError>(vmbox_network::proto::encode(&view))
+        };
+        reply("setup_network", applied.await)
+    }
+
     async fn remove_container(&self, _: &TtrpcContext, r: RemoveContainerRequest) -> Res<Empty> {
         reply(
             "remove_container",

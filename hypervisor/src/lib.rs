@@ -49,6 +49,11 @@ pub struct VmSpec {
     /// (the sandbox's `linux.cgroupsPath`); created at start, removed by `stop`. `None`
     /// leaves them in the shim's.
     pub cgroup: Option<PathBuf>,
+    /// The pod's network namespace (a path such as CRI's `/var/run/netns/cni-...`). Each
+    /// link in it that carries an address becomes a guest NIC (a tap with tc redirects,
+    /// [`vmbox_network::host::attach`]), and the VMM runs in it. `None`: the guest has only
+    /// `lo`.
+    pub network: Option<PathBuf>,
 }
 
 pub use vmbox_config::MAX_RUN_DIR_LEN;
@@ -106,6 +111,9 @@ pub trait Vm: Send + Sync {
     /// treat task pids as host pids (`/proc/<pid>/ns/*`, signals), as Kata reports its
     /// hypervisor's.
     fn vmm_pid(&self) -> u32;
+    /// The pod network carried into the VM (its NICs by MAC, addresses, routes,
+    /// neighbours), for the agent's `SetupNetwork`; empty without one.
+    fn network(&self) -> &vmbox_network::Network;
     /// The last `lines` lines of the guest console (kept in a bounded buffer).
     fn console_tail(&self, lines: usize) -> String;
     /// Stops the VMM (QMP quit, then SIGKILL) and the daemons, removes the run directory.

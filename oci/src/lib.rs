@@ -250,6 +250,36 @@ fn guest_filesystem(i: usize, m: &mut oci_spec::runtime::Mount) -> Result<(), Oc
     Ok(())
 }
 
+/// The network a sandbox's VM gets, from its first container's `linux.namespaces`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodNetwork {
+    /// A network namespace with a path (a CRI pod after CNI ADD, `ctr run --with-ns
+    /// network:<path>`): its addressed links become the guest's NICs.
+    Namespace(PathBuf),
+    /// A new, empty namespace (`ctr run` without CNI): loopback only, as runc gives.
+    Loopback,
+    /// No network namespace: the host's network (`ctr run --net-host`, hostNetwork pods).
+    /// A VM cannot share the host's network stack: the guest gets loopback only (logged).
+    Host,
+}
+
+/// [`PodNetwork`] of `spec`.
+pub fn pod_network(spec: &Spec) -> PodNetwork {
+    use oci_spec::runtime::LinuxNamespaceType as T;
+    let ns = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|ns| ns.iter().find(|n| n.typ() == T::Network));
+    match ns {
+        None => PodNetwork::Host,
+        Some(n) => match n.path() {
+            Some(p) if !p.as_os_str().is_empty() => PodNetwork::Namespace(p.clone()),
+            _ => PodNetwork::Loopback,
+        },
+    }
+}
+
 /// Translates `spec` for container `id`, whose shared files live under `id/` in the share.
 ///
 /// Namespaces: the network entry is dropped (every container uses the guest's network
@@ -571,6 +601,15 @@ mod pod_tests {
             Some(Path::new(&format!("{}/pod", vmbox_protocol::POD_SHM_DIR)))
         );
         assert!(g.binds.is_empty(), "the host's shm is not shared: {:?}", g.binds);
+    }
+
+    #[test]
+    fn the_pod_network_follows_the_network_namespace_entry() {
+        let shm = Path::new("/");
+        let spec = cri_spec(&[(T::Network, Some("/var/run/netns/cni-1")), (T::Ipc, None)], shm);
+        assert_eq!(pod_network(&spec), PodNetwork::Namespace("/var/run/netns/cni-1".into()));
+        assert_eq!(pod_network(&cri_spec(&[(T::Network, None)], shm)), PodNetwork::Loopback);
+        assert_eq!(pod_network(&cri_spec(&[(T::Ipc, None)], shm)), PodNetwork::Host);
     }
 
     #[test]

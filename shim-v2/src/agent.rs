@@ -109,6 +109,9 @@ pub trait GuestAgent: Send + Sync {
     /// Stops every container (SIGKILL after `grace`), syncs, unmounts and powers the guest
     /// off; returns how many processes needed SIGKILL. Bounded by `total`.
     async fn shutdown(&self, grace: Duration, total: Duration) -> Result<u32, ShimError>;
+    /// Gives the guest the pod's network (NICs found by MAC); returns the guest's view
+    /// afterwards, checked ([`vmbox_network::proto::decode`]). Idempotent.
+    async fn setup_network(&self, net: &vmbox_network::Network) -> Result<vmbox_network::Network, ShimError>;
 }
 
 /// [`GuestAgent`] over the agent's ttrpc service.
@@ -258,6 +261,13 @@ impl GuestAgent for TtrpcAgent {
         let req = Self::container_req(container);
         let r = timing::guest(self.client.resume_container(self.quick(), &req)).await;
         r.map(|_| ()).map_err(ShimError::agent)
+    }
+
+    async fn setup_network(&self, net: &vmbox_network::Network) -> Result<vmbox_network::Network, ShimError> {
+        let req = vmbox_network::proto::encode(net);
+        let r = timing::guest(self.client.setup_network(self.slow(), &req)).await;
+        let view = r.map_err(ShimError::agent)?;
+        vmbox_network::proto::decode(&view).map_err(|e| ShimError::Agent(format!("SetupNetwork reply: {e}")))
     }
 
     async fn update(&self, container: &Id, resources: Vec<u8>) -> Result<(), ShimError> {

@@ -127,6 +127,7 @@ impl TestVm {
             memory_mib: config.vm.memory_mib,
             hostname: Some("vmbox-test-host".into()),
             cgroup: None,
+            network: None,
         };
         let vm = QemuVm::start(&config, spec).await.context("boot")?;
         let conn = vm.connect(vmbox_protocol::AGENT_PORT).await?;

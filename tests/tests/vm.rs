@@ -182,6 +182,7 @@ async fn a_wrong_kernel_path_fails_clearly_and_leaves_nothing() {
         memory_mib: 128,
         hostname: None,
         cgroup: None,
+        network: None,
     };
     let err = vmbox_hypervisor::qemu::QemuVm::start(&config, spec)
         .await
@@ -245,6 +246,7 @@ async fn an_agent_that_never_answers_times_out_with_the_console_and_leaves_nothi
         memory_mib: 128,
         hostname: None,
         cgroup: None,
+        network: None,
     };
     let started = std::time::Instant::now();
     let err = vmbox_hypervisor::qemu::QemuVm::start(&config, spec)

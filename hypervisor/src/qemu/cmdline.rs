@@ -27,6 +27,18 @@ pub enum VsockDevice<'a> {
     Kernel { cid: u32, vhostfd: Option<i32> },
 }
 
+/// A guest NIC: a tap QEMU inherits as fd `fd`, and the MAC the guest sees (the pod link's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    pub fd: i32,
+    pub mac: vmbox_network::Mac,
+    /// Whether QEMU may use the kernel's vhost-net (`/dev/vhost-net` opens).
+    pub vhost: bool,
+}
+
+/// virtio-mmio slots of QEMU's microvm machine (its documentation: "up to eight").
+pub const MMIO_SLOTS: usize = 8;
+
 /// Everything QEMU's command line depends on.
 #[derive(Debug, Clone)]
 pub struct QemuArgs<'a> {
@@ -48,6 +60,27 @@ pub struct QemuArgs<'a> {
     /// virtiofsd's socket, when a directory is shared.
     pub fs: Option<&'a Path>,
     pub vsock: VsockDevice<'a>,
+    pub nics: &'a [Nic],
+}
+
+impl QemuArgs<'_> {
+    /// virtio-mmio devices the machine needs: balloon, vsock, virtio-fs if any, the NICs.
+    pub fn mmio_devices(&self) -> usize {
+        2 + usize::from(self.fs.is_some()) + self.nics.len()
+    }
+
+    /// Fails, saying what takes the slots, when the devices do not fit microvm's
+    /// [`MMIO_SLOTS`].
+    pub fn check_slots(&self) -> Result<(), String> {
+        let n = self.mmio_devices();
+        if n > MMIO_SLOTS {
+            return Err(format!(
+                "{} network interfaces need {n} virtio-mmio devices with the balloon, vsock and virtio-fs ones; QEMU's microvm has {MMIO_SLOTS}",
+                self.nics.len()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A path as a QEMU option value: commas doubled.
@@ -125,6 +158,13 @@ pub fn qemu_args(a: &QemuArgs) -> Vec<OsString> {
             v.push(format!("vhost-vsock-device,guest-cid={cid}{fd}").into());
         }
     }
+    for (i, nic) in a.nics.iter().enumerate() {
+        let vhost = if nic.vhost { "on" } else { "off" };
+        v.push("-netdev".into());
+        v.push(format!("tap,id=net{i},fd={},vhost={vhost}", nic.fd).into());
+        v.push("-device".into());
+        v.push(format!("virtio-net-device,netdev=net{i},mac={}", nic.mac).into());
+    }
     v.push("-S".into());
     v
 }
@@ -183,6 +223,7 @@ mod tests {
             qmp: Path::new("/run/v/qmp.sock"),
             fs,
             vsock,
+            nics: &[],
         }
     }
 
@@ -241,6 +282,38 @@ mod tests {
             .all(|c| !c.to_string_lossy().contains("vsk")));
         let v = qemu_args(&args(Accel::Kvm, VsockDevice::VhostUser(Path::new("/v.sock")), None));
         assert!(strs(&arg_after(&v, "-device")).contains(&"vhost-user-vsock-device,chardev=vsk".to_string()));
+    }
+
+    #[test]
+    fn each_nic_is_a_tap_fd_with_the_pods_mac_within_the_mmio_slots() {
+        let nics = [
+            Nic {
+                fd: 7,
+                mac: vmbox_network::Mac([2, 0x42, 10, 88, 0, 5]),
+                vhost: false,
+            },
+            Nic {
+                fd: 8,
+                mac: vmbox_network::Mac([2, 0x42, 10, 88, 0, 6]),
+                vhost: true,
+            },
+        ];
+        let mut a = args(Accel::Tcg, VsockDevice::VhostUser(Path::new("/v")), Some(Path::new("/fs")));
+        a.nics = &nics;
+        let v = qemu_args(&a);
+        assert_eq!(
+            strs(&arg_after(&v, "-netdev")),
+            ["tap,id=net0,fd=7,vhost=off", "tap,id=net1,fd=8,vhost=on"]
+        );
+        let devices = strs(&arg_after(&v, "-device"));
+        assert!(devices.contains(&"virtio-net-device,netdev=net0,mac=02:42:0a:58:00:05".to_string()));
+        assert!(devices.contains(&"virtio-net-device,netdev=net1,mac=02:42:0a:58:00:06".to_string()));
+        assert_eq!(a.mmio_devices(), 5);
+        assert!(a.check_slots().is_ok());
+        let many = vec![nics[0].clone(); 6];
+        a.nics = &many;
+        let e = a.check_slots().unwrap_err();
+        assert!(e.contains("6 network interfaces") && e.contains("9 virtio-mmio"), "{e}");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::binaries::{resolve, QEMU_HINT, VIRTIOFSD_HINT, VSOCK_HINT};
 use crate::process::Child;
 use crate::vsock::{Conn, Dialer, HelloListener};
 use crate::{qmp, BootTimes, Hypervisor, HypervisorError, Vm, VmExit, VmSpec, MAX_RUN_DIR_LEN};
-pub use cmdline::{kernel_append, qemu_args, valid_name, QemuArgs, VsockDevice, SHARE_TAG};
+pub use cmdline::{kernel_append, qemu_args, valid_name, Nic, QemuArgs, VsockDevice, MMIO_SLOTS, SHARE_TAG};
 pub use console::{Console, CONSOLE_RING};
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -59,6 +59,35 @@ pub struct QemuVm {
     stopped: Mutex<bool>,
     rpc_timeout: Duration,
     cgroup: Option<crate::cgroup::HostCgroup>,
+    /// The pod network carried in, and where: the namespace and its redirected links.
+    network: vmbox_network::Network,
+    netns: Option<NetnsRecord>,
+}
+
+/// In the run directory: the pod network namespace and the links redirected in it, so the
+/// redirects go with the VM, also after a shim that died ([`cleanup_run_dir`]).
+const NETNS_FILE: &str = "netns.json";
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct NetnsRecord {
+    path: PathBuf,
+    links: Vec<String>,
+}
+
+impl NetnsRecord {
+    /// Removes the redirects (blocking). A namespace already gone is fine.
+    fn detach(&self) -> Result<(), HypervisorError> {
+        Ok(vmbox_network::host::detach(&self.path, &self.links)?)
+    }
+}
+
+/// Whether QEMU can use the kernel's vhost-net (absent here; present on most KVM hosts).
+fn vhost_net_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/vhost-net")
+        .is_ok()
 }
 
 /// In the run directory: the host cgroup's path, for a later shim's cleanup.
@@ -186,6 +215,8 @@ impl QemuVm {
             stopped: Mutex::new(false),
             rpc_timeout: Duration::from_millis(cfg.timeouts.rpc_ms),
             cgroup: None,
+            network: vmbox_network::Network::default(),
+            netns: None,
         };
         if let Some(path) = &spec.cgroup {
             // Recorded first, so a shim that dies right after still gets it removed.
@@ -204,8 +235,45 @@ impl QemuVm {
                 }
             }
         }
+        let mut taps = Vec::new();
+        if let Some(path) = spec.network.clone() {
+            let attached = tokio::task::spawn_blocking({
+                let path = path.clone();
+                move || vmbox_network::host::attach(&path)
+            })
+            .await
+            .map_err(|e| HypervisorError::Spec(format!("pod network thread: {e}")));
+            let attached = attached.and_then(|r| r.map_err(HypervisorError::from));
+            let recorded = attached.and_then(|a| {
+                let record = NetnsRecord {
+                    path,
+                    links: a.taps.iter().map(|t| t.link.clone()).collect(),
+                };
+                let file = dir.join(NETNS_FILE);
+                vm.netns = Some(record.clone());
+                std::fs::write(&file, serde_json::to_vec(&record).unwrap_or_default())
+                    .map_err(HypervisorError::io("write", &file))?;
+                Ok(a)
+            });
+            match recorded {
+                Ok(a) => {
+                    log::info!(
+                        "vm {}: pod network {}: {}",
+                        spec.name,
+                        vm.netns.as_ref().map(|r| r.path.display().to_string()).unwrap_or_default(),
+                        if a.network.is_empty() { "no addressed link (lo only)".to_string() } else { a.network.to_string().replace('\n', "; ") }
+                    );
+                    vm.network = a.network;
+                    taps = a.taps;
+                }
+                Err(e) => {
+                    vm.stop().await;
+                    return Err(e);
+                }
+            }
+        }
         // From here on, any error leaves through `stop`, which removes what was started.
-        match vm.boot(cfg, &spec, &qemu_bin, vhostfd).await {
+        match vm.boot(cfg, &spec, &qemu_bin, vhostfd, taps).await {
             Ok(()) => {
                 log::info!(
                     "vm {}: agent {} ready in {} ms",
@@ -228,6 +296,7 @@ impl QemuVm {
         spec: &VmSpec,
         qemu_bin: &Path,
         vhostfd: Option<OwnedFd>,
+        taps: Vec<vmbox_network::host::Tap>,
     ) -> Result<(), HypervisorError> {
         let dir = self.dir.clone();
         let t_daemons = Instant::now();
@@ -308,7 +377,16 @@ impl QemuVm {
                 vhostfd: vhostfd.as_ref().map(|f| f.as_raw_fd()),
             },
         };
-        let args = qemu_args(&QemuArgs {
+        let vhost = !taps.is_empty() && vhost_net_usable();
+        let nics: Vec<Nic> = taps
+            .iter()
+            .map(|t| Nic {
+                fd: t.fd.as_raw_fd(),
+                mac: t.mac,
+                vhost,
+            })
+            .collect();
+        let qemu_args_in = QemuArgs {
             name: &self.name,
             kernel: &cfg.vm.kernel,
             initramfs: &cfg.vm.initramfs,
@@ -321,7 +399,16 @@ impl QemuVm {
             qmp: &qmp_sock,
             fs: spec.shared_dir.as_ref().map(|_| fs_sock.as_path()),
             vsock,
-        });
+            nics: &nics,
+        };
+        qemu_args_in.check_slots().map_err(HypervisorError::Spec)?;
+        let args = qemu_args(&qemu_args_in);
+        // QEMU lives in the pod's network namespace (where its taps are, and what
+        // `/proc/<task pid>/ns/net` then names for containerd and `nsenter`).
+        let netns = match &self.netns {
+            Some(r) => Some(std::fs::File::open(&r.path).map_err(HypervisorError::io("open network namespace", &r.path))?),
+            None => None,
+        };
         let mut cmd = Command::new(qemu_bin);
         cmd.args(&args);
         log::debug!("vm {}: {:?}", self.name, cmd);
@@ -330,26 +417,35 @@ impl QemuVm {
         // so the host's part (building the machine, loading kernel and initramfs) and the
         // guest's part of the boot are timed apart.
         let t_qemu = Instant::now();
-        let inherit = vhostfd.as_ref().map(|f| f.as_raw_fd());
+        let inherit: Vec<i32> = vhostfd.iter().map(|f| f.as_raw_fd()).chain(nics.iter().map(|n| n.fd)).collect();
+        let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
         let mut cmd = cmd;
         self.enter_cgroup(&mut cmd)?;
         let qemu = Child::spawn_with("qemu", cmd, &dir.join("qemu.log"), |cmd| {
             use std::os::unix::process::CommandExt;
-            if let Some(fd) = inherit {
-                // SAFETY: only fcntl between fork and exec, which is async-signal-safe.
-                unsafe {
-                    cmd.pre_exec(move || {
+            // SAFETY: only setns and fcntl between fork and exec, both async-signal-safe;
+            // the fds stay open in the parent until the spawn returned.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if let Some(ns) = netns_fd {
+                        if libc::setns(ns, libc::CLONE_NEWNET) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    for &fd in &inherit {
                         if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                             return Err(std::io::Error::last_os_error());
                         }
-                        Ok(())
-                    });
-                }
+                    }
+                    Ok(())
+                });
             }
             Ok(())
         })?;
-        // QEMU holds the CID's fd now.
+        // QEMU holds the CID's and the taps' fds now.
         drop(vhostfd);
+        drop(taps);
+        drop(netns);
         self.write_pids(Some(qemu.pid))?;
         let qemu = &*self.qemu.insert(qemu);
         let timeout = Duration::from_millis(cfg.timeouts.boot_ms);
@@ -523,6 +619,10 @@ impl Vm for QemuVm {
         QemuVm::console_tail(self, n)
     }
 
+    fn network(&self) -> &vmbox_network::Network {
+        &self.network
+    }
+
     async fn stop(&self) {
         let mut stopped = self.stopped.lock().await;
         if *stopped {
@@ -543,6 +643,13 @@ impl Vm for QemuVm {
         for d in &self.daemons {
             // virtiofsd leaves by itself once QEMU is gone; the vsock daemon does not.
             d.stop(Duration::from_secs(1)).await;
+        }
+        if let Some(record) = self.netns.clone() {
+            match tokio::task::spawn_blocking(move || record.detach()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::warn!("vm {}: {e}", self.name),
+                Err(e) => log::warn!("vm {}: remove the pod network redirects: {e}", self.name),
+            }
         }
         if let Some(path) = self.cgroup.as_ref().map(|c| c.path().to_path_buf()) {
             let removed = tokio::task::spawn_blocking(move || crate::cgroup::HostCgroup::remove_path(&path)).await;
@@ -584,6 +691,14 @@ pub fn cleanup_run_dir(dir: &Path) -> Result<(), HypervisorError> {
     while live.iter().any(|p| ours(*p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
+    if let Some(record) = std::fs::read(dir.join(NETNS_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<NetnsRecord>(&b).ok())
+    {
+        if let Err(e) = record.detach() {
+            log::warn!("cleanup of {}: {e}", dir.display());
+        }
+    }
     if let Ok(cg) = std::fs::read(dir.join(CGROUP_FILE)) {
         let path = PathBuf::from(String::from_utf8_lossy(&cg).into_owned());
         // Only a path below the roots (it was validated when written).
@@ -617,6 +732,7 @@ mod tests {
             memory_mib: 128,
             hostname: None,
             cgroup: None,
+            network: None,
         }
     }
 

@@ -43,6 +43,7 @@ impl Core {
             vcpus: size.vcpus,
             memory_mib: size.memory_mib,
             cgroup: vmbox_oci::cgroup::host_cgroup(&spec)?,
+            network: vmbox_oci::pod_network(&spec),
         };
         if ann.container_type == vmbox_oci::ContainerType::Sandbox {
             log::info!("sandbox of {}: {}", req.id, size.why);

@@ -32,6 +32,8 @@ pub struct Shape {
     pub memory_mib: u32,
     /// The host cgroup of the VMM and its daemons (`vmbox_oci::cgroup::host_cgroup`).
     pub cgroup: Option<std::path::PathBuf>,
+    /// The pod's network ([`vmbox_oci::pod_network`]).
+    pub network: vmbox_oci::PodNetwork,
 }
 
 /// Runs blocking host work off the async workers.
@@ -59,6 +61,16 @@ impl Sandbox {
         shape: Shape,
         abandoned: Arc<AtomicBool>,
     ) -> Result<Sandbox, ShimError> {
+        let network = match &shape.network {
+            vmbox_oci::PodNetwork::Namespace(p) => Some(p.clone()),
+            vmbox_oci::PodNetwork::Loopback => None,
+            vmbox_oci::PodNetwork::Host => {
+                log::warn!(
+                    "sandbox {id}: the spec asks for the host's network (no network namespace); a VM cannot share the host's network stack, so the guest has loopback only"
+                );
+                None
+            }
+        };
         let spec = VmSpec {
             name: format!("{namespace}-{id}"),
             run_dir: layout.run_dir.clone(),
@@ -66,6 +78,7 @@ impl Sandbox {
             vcpus: shape.vcpus,
             memory_mib: shape.memory_mib,
             cgroup: shape.cgroup,
+            network,
             // runc parity: a container whose spec sets no hostname keeps the host's.
             hostname: nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()),
         };
@@ -82,13 +95,29 @@ impl Sandbox {
             let vm: Arc<dyn Vm> = Arc::from(seams.hypervisor.start(&config, spec).await?);
             // QEMU's vCPUs released to the agent's hello: firmware, kernel and agent start.
             timing::add_guest(vm.boot_times().guest);
-            match timing::guest(vm.connect(vmbox_protocol::AGENT_PORT)).await {
-                Ok(c) => Ok((vm.clone(), seams.agents.connect(c, &config.timeouts))),
+            let agent = match timing::guest(vm.connect(vmbox_protocol::AGENT_PORT)).await {
+                Ok(c) => seams.agents.connect(c, &config.timeouts),
                 Err(e) => {
                     vm.stop().await;
-                    Err(ShimError::from(e))
+                    return Err(ShimError::from(e));
+                }
+            };
+            // The pod's network before any container: the pause container's first
+            // packet already leaves through the pod's interface.
+            let net = vm.network();
+            if !net.is_empty() {
+                match agent.setup_network(net).await {
+                    Ok(view) if view == *net => log::info!("sandbox {id}: guest network set up"),
+                    Ok(view) => log::warn!(
+                        "sandbox {id}: the guest's network differs from the pod's; pod:\n{net}guest:\n{view}"
+                    ),
+                    Err(e) => {
+                        vm.stop().await;
+                        return Err(ShimError::Agent(format!("set up the pod network in the guest: {e}")));
+                    }
                 }
             }
+            Ok((vm.clone(), agent))
         };
         match booted.await {
             Ok((vm, agent)) => Ok(Sandbox {

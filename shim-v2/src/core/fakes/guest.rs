@@ -34,6 +34,8 @@ pub struct Guest {
     /// Execs exit with status 0 as soon as they start.
     pub execs_exit_at_once: AtomicBool,
     next_pid: AtomicU32,
+    /// The network the host set up, and how many containers existed by then.
+    pub network: Mutex<Option<(vmbox_network::Network, usize)>>,
     oom: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     oom_tx: Mutex<Option<mpsc::UnboundedSender<String>>>,
 }
@@ -168,6 +170,13 @@ impl GuestAgent for Guest {
 
     async fn update(&self, _: &Id, _: Vec<u8>) -> Result<(), ShimError> {
         self.alive()
+    }
+
+    async fn setup_network(&self, net: &vmbox_network::Network) -> Result<vmbox_network::Network, ShimError> {
+        self.alive()?;
+        let containers = self.containers.lock().unwrap().len();
+        *self.network.lock().unwrap() = Some((net.clone(), containers));
+        Ok(net.clone())
     }
 
     async fn remove(&self, container: &Id, _force: bool) -> Result<(), ShimError> {

@@ -24,6 +24,8 @@ pub struct FakeVm {
     hello: Hello,
     pub stopped: Arc<AtomicBool>,
     peers: Mutex<Vec<tokio::net::UnixStream>>,
+    /// One `eth0` when the spec named a network namespace, as QEMU's attach would find.
+    pub network: vmbox_network::Network,
 }
 
 impl FakeVm {
@@ -90,6 +92,9 @@ impl Vm for FakeVm {
     fn console_tail(&self, _: usize) -> String {
         "fake console".into()
     }
+    fn network(&self) -> &vmbox_network::Network {
+        &self.network
+    }
     async fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
         self.guest.dead.send_replace(true);
@@ -150,6 +155,9 @@ impl Vm for SharedVm {
     fn console_tail(&self, n: usize) -> String {
         self.0.console_tail(n)
     }
+    fn network(&self) -> &vmbox_network::Network {
+        self.0.network()
+    }
     async fn stop(&self) {
         self.0.stop().await
     }
@@ -168,6 +176,21 @@ impl Hypervisor for FakeHypervisor {
             hello: Hello::default(),
             stopped: Arc::new(AtomicBool::new(false)),
             peers: Mutex::new(Vec::new()),
+            network: match spec.network {
+                Some(_) => vmbox_network::Network {
+                    interfaces: vec![vmbox_network::Interface {
+                        name: "eth0".into(),
+                        mac: vmbox_network::Mac([2, 0x42, 10, 88, 0, 2]),
+                        mtu: 1400,
+                        noarp: false,
+                        addresses: vec![vmbox_network::IpNetwork::V4(
+                            ipnetwork::Ipv4Network::new([10, 88, 0, 2].into(), 16).expect("a valid prefix"),
+                        )],
+                    }],
+                    ..Default::default()
+                },
+                None => vmbox_network::Network::default(),
+            },
         });
         self.vms.lock().unwrap().push(vm.clone());
         Ok(Box::new(SharedVm(vm)))

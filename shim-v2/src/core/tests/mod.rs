@@ -303,6 +303,38 @@ async fn the_sandbox_is_named_by_the_cri_annotation() {
     let _ = Arc::strong_count(&rig.core);
 }
 
+/// A sandbox whose spec names a network namespace gives the guest that network before
+/// its first container; one without a path (`ctr run`) or without the entry (host network)
+/// boots with loopback only.
+#[tokio::test]
+async fn the_pod_network_reaches_the_guest_before_any_container() {
+    use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType};
+    for (path, wanted) in [(Some("/var/run/netns/cni-x"), true), (None, false)] {
+        let rig = Rig::new();
+        let mut spec = oci_spec::runtime::Spec::default();
+        let mut linux = spec.linux().clone().unwrap();
+        let mut ns = LinuxNamespaceBuilder::default()
+            .typ(LinuxNamespaceType::Network)
+            .build()
+            .unwrap();
+        ns.set_path(path.map(std::path::PathBuf::from));
+        linux.set_namespaces(Some(vec![ns]));
+        spec.set_linux(Some(linux));
+        std::fs::write(rig.bundle.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
+        rig.core.create(create_req(&rig, "a")).await.unwrap();
+        let vm = rig.hv.vm(0);
+        let got = vm.guest.network.lock().unwrap().clone();
+        match got {
+            Some((net, containers)) => {
+                assert!(wanted, "no namespace path, yet a network was set up");
+                assert_eq!(net, vm.network);
+                assert_eq!(containers, 0, "the network came after a container");
+            }
+            None => assert!(!wanted, "the pod network never reached the guest"),
+        }
+    }
+}
+
 /// containerd treats task pids as host pids: every pid it gets (replies, events, state)
 /// is the VMM's, never a guest pid (issue 11: `ctr task ls` showed 32).
 #[tokio::test]
