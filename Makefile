@@ -58,7 +58,7 @@ vm-test: guest
 # (Kubernetes pods) with the project's own CRI client.
 e2e-test: build guest
 	VMBOX_GUEST_DIR=$(abspath $(GUEST_OUT)) VMBOX_SHIM_DIR=$(abspath target/release) \
-	  cargo test -p vmbox-tests --test containerd --test lifecycle --test parity --test cri -- --test-threads=1; \
+	  cargo test -p vmbox-tests --test containerd --test network --test lifecycle --test parity --test cri -- --test-threads=1; \
 	  rc=$$?; VMBOX_CTR_DIR=/run/vmbox-e2e tests/containerd/containerd.sh stop; \
 	  VMBOX_CTR_CRI=1 VMBOX_CTR_DIR=/run/vmbox-cri tests/containerd/containerd.sh stop; exit $$rc
 

@@ -169,7 +169,10 @@ impl Agent for Service {
             let want = vmbox_network::proto::decode(&r)?;
             // Netlink on a thread of its own (the guest's one namespace; no setns).
             let view = tokio::task::spawn_blocking(move || {
-                vmbox_network::netns::run_in(None, move |h| async move { vmbox_network::guest::apply(&h, &want).await })
+                vmbox_network::netns::run_in(
+                    None,
+                    move |h| async move { vmbox_network::guest::apply(&h, &want).await },
+                )
             })
             .await
             .map_err(|e| AgentError::Internal(format!("network thread: {e}")))??;

@@ -4,6 +4,7 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -298,7 +298,11 @@ mod tests {
                 vhost: true,
             },
         ];
-        let mut a = args(Accel::Tcg, VsockDevice::VhostUser(Path::new("/v")), Some(Path::new("/fs")));
+        let mut a = args(
+            Accel::Tcg,
+            VsockDevice::VhostUser(Path::new("/v")),
+            Some(Path::new("/fs")),
+        );
         a.nics = &nics;
         let v = qemu_args(&a);
         assert_eq!(

@@ -260,8 +260,15 @@ impl QemuVm {
                     log::info!(
                         "vm {}: pod network {}: {}",
                         spec.name,
-                        vm.netns.as_ref().map(|r| r.path.display().to_string()).unwrap_or_default(),
-                        if a.network.is_empty() { "no addressed link (lo only)".to_string() } else { a.network.to_string().replace('\n', "; ") }
+                        vm.netns
+                            .as_ref()
+                            .map(|r| r.path.display().to_string())
+                            .unwrap_or_default(),
+                        if a.network.is_empty() {
+                            "no addressed link (lo only)".to_string()
+                        } else {
+                            a.network.to_string().replace('\n', "; ")
+                        }
                     );
                     vm.network = a.network;
                     taps = a.taps;
@@ -406,7 +413,9 @@ impl QemuVm {
         // QEMU lives in the pod's network namespace (where its taps are, and what
         // `/proc/<task pid>/ns/net` then names for containerd and `nsenter`).
         let netns = match &self.netns {
-            Some(r) => Some(std::fs::File::open(&r.path).map_err(HypervisorError::io("open network namespace", &r.path))?),
+            Some(r) => {
+                Some(std::fs::File::open(&r.path).map_err(HypervisorError::io("open network namespace", &r.path))?)
+            }
             None => None,
         };
         let mut cmd = Command::new(qemu_bin);
@@ -417,7 +426,11 @@ impl QemuVm {
         // so the host's part (building the machine, loading kernel and initramfs) and the
         // guest's part of the boot are timed apart.
         let t_qemu = Instant::now();
-        let inherit: Vec<i32> = vhostfd.iter().map(|f| f.as_raw_fd()).chain(nics.iter().map(|n| n.fd)).collect();
+        let inherit: Vec<i32> = vhostfd
+            .iter()
+            .map(|f| f.as_raw_fd())
+            .chain(nics.iter().map(|n| n.fd))
+            .collect();
         let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
         let mut cmd = cmd;
         self.enter_cgroup(&mut cmd)?;
