@@ -40,8 +40,8 @@ TOML
       cat > "$dir/net.d/10-vmbox-cri.conflist" <<JSON
 {"cniVersion": "0.4.0", "name": "vmbox-cri", "plugins": [
   {"type": "bridge", "bridge": "vmboxbr0", "isGateway": true, "ipMasq": false, "mtu": 1400,
-   "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.0.0/16"}]],
-            "routes": [{"dst": "0.0.0.0/0"}]}}]}
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.0.0/16"}], [{"subnet": "fd00:88::/64"}]],
+            "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}}]}
 JSON
       cat >> "$dir/config.toml" <<TOML
 [plugins."io.containerd.grpc.v1.cri"]
@@ -49,6 +49,9 @@ JSON
   # Pod network namespaces under the state dir: a run that is killed leaves none in
   # /var/run/netns (the next run's reset unmounts everything under its directory).
   netns_mounts_under_state_dir = true
+  # CRI gives pause oom_score_adj -998; where even root may not lower its own score (a
+  # container or a confined VM as CI machine), runc's pods fail without this clamp.
+  restrict_oom_score_adj = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   [plugins."io.containerd.grpc.v1.cri".containerd]

@@ -123,6 +123,8 @@ pub struct PodSpec {
     pub cgroup_parent: String,
     /// Pod-level resources (containerd turns them into the sandbox-* annotations).
     pub resources: Option<cri::LinuxContainerResources>,
+    /// The pod's DNS (CRI writes the pod's resolv.conf from it).
+    pub dns: Option<cri::DnsConfig>,
 }
 
 /// Turns a gRPC error into one that names the call.
@@ -179,6 +181,7 @@ impl Cri {
                 attempt: 0,
             }),
             hostname: spec.hostname.clone(),
+            dns_config: spec.dns.clone(),
             log_directory: log_directory.display().to_string(),
             annotations: spec.annotations.clone(),
             linux: Some(cri::LinuxPodSandboxConfig {

@@ -447,3 +447,168 @@ async fn attach_reaches_the_containers_terminal_and_logs_are_written() -> Result
     let _ = logger;
     remove_and_check(&mut c, &pod).await
 }
+
+/// `script` in container `id` until it exits 0 (the first packets wait for ARP/ND, a
+/// server for its listen); its stdout. Fails with the last output after `within`.
+async fn sh_until(c: &mut Cri, id: &str, script: &str, within: Duration) -> Result<String> {
+    let t = Instant::now();
+    loop {
+        let (code, out, err) = c.exec_sync(id, &["sh", "-c", script]).await?;
+        if code == 0 {
+            return Ok(out);
+        }
+        if t.elapsed() > within {
+            return Err(anyhow!("{script:?} in {id}: exit {code} after {within:?}: {out}{err}"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `cmd` in containerd's node network namespace (where the CNI bridge is) until it exits
+/// 0; its stdout.
+fn node_until(cmd: &[&str], within: Duration) -> Result<String> {
+    let netns = std::env::var("VMBOX_CTR_NETNS").unwrap_or_else(|_| "vmbox-cri-node".into());
+    let t = Instant::now();
+    loop {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &netns])
+            .args(cmd)
+            .output()?;
+        if out.status.success() {
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        if t.elapsed() > within {
+            return Err(anyhow!(
+                "{cmd:?} in {netns}: {} after {within:?}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// PodSandboxStatus' IPs of `pod` (the CNI result containerd cached), v4 first.
+async fn pod_ips(c: &mut Cri, pod: &str) -> Result<Vec<String>> {
+    let st = c.pod_status(pod).await?;
+    let net = st
+        .status
+        .and_then(|s| s.network)
+        .ok_or_else(|| anyhow!("pod {pod}: no network status"))?;
+    let mut ips = vec![net.ip];
+    ips.extend(net.additional_ips.into_iter().map(|i| i.ip));
+    Ok(ips)
+}
+
+/// Pod networking through CRI with Debian's CNI bridge and host-local (dual stack, MTU
+/// 1400, no masquerading; containerd in a node namespace of its own): two vmbox pods and
+/// a runc pod reach each other; the pod's addresses in the VM are PodSandboxStatus'; DNS
+/// and hostname as configured; the veth's counters move; nothing is left after removal.
+#[tokio::test]
+async fn pods_on_the_cni_bridge_reach_each_other_a_runc_pod_and_the_node() -> Result<()> {
+    const WAIT: Duration = Duration::from_secs(30);
+    let mut c = Cri::connect().await?;
+    let dns = cri::DnsConfig {
+        servers: vec!["10.88.0.53".into()],
+        searches: vec!["vmbox.test".into()],
+        options: vec!["ndots:2".into()],
+    };
+    let a = c
+        .run_pod(
+            "net-a",
+            PodSpec {
+                hostname: "pod-a".into(),
+                dns: Some(dns),
+                // PodSandboxStats needs one.
+                cgroup_parent: "/vmbox-cri-test/net-a".into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let b = c.run_pod("net-b", PodSpec::default()).await?;
+    let r = c
+        .run_pod(
+            "net-runc",
+            PodSpec {
+                handler: "runc".into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let serve = "mkdir -p /tmp/www && echo hello from a > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
+    let web = c.run_container(&a, "web", &["sh", "-c", serve]).await?;
+    let cb = c.run_container(&b, "client", &["sleep", "600"]).await?;
+    let cr = c.run_container(&r, "client", &["sleep", "600"]).await?;
+
+    // In the VM, eth0 carries exactly what CRI reports (TestPodDualStack's rule).
+    let ips_a = pod_ips(&mut c, &a.id).await?;
+    assert_eq!(ips_a.len(), 2, "a v4 and a v6 address: {ips_a:?}");
+    let shown = c.sh(&web, "ip -o addr show dev eth0 scope global").await?;
+    let mut in_vm: Vec<String> = shown
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter_map(|a| a.split('/').next().map(str::to_string))
+        .collect();
+    in_vm.sort();
+    let mut want = ips_a.clone();
+    want.sort();
+    assert_eq!(in_vm, want, "addresses in the VM vs PodSandboxStatus: {shown}");
+    assert_eq!(c.sh(&web, "cat /sys/class/net/eth0/mtu").await?, "1400");
+    assert!(c.sh(&web, "ip route").await?.contains("default via 10.88.0.1 dev eth0"));
+    let resolv = c.sh(&web, "cat /etc/resolv.conf").await?;
+    for line in ["nameserver 10.88.0.53", "search vmbox.test", "options ndots:2"] {
+        assert!(resolv.contains(line), "resolv.conf lacks {line:?}: {resolv}");
+    }
+    assert_eq!(c.sh(&web, "hostname").await?, "pod-a");
+
+    let (a4, a6) = (&ips_a[0], &ips_a[1]);
+    let ips_b = pod_ips(&mut c, &b.id).await?;
+    let ips_r = pod_ips(&mut c, &r.id).await?;
+    let page = "hello from a";
+    for (who, id) in [("vmbox pod", &cb), ("runc pod", &cr)] {
+        sh_until(&mut c, id, &format!("ping -c 1 -W 2 {a4}"), WAIT).await?;
+        sh_until(&mut c, id, &format!("ping -6 -c 1 -W 2 {a6}"), WAIT).await?;
+        let got = sh_until(&mut c, id, &format!("wget -q -O - http://{a4}:8080/"), WAIT).await?;
+        assert_eq!(got.trim(), page, "from the {who}");
+        let got = sh_until(&mut c, id, &format!("wget -q -O - 'http://[{a6}]:8080/'"), WAIT).await?;
+        assert_eq!(got.trim(), page, "from the {who} over v6");
+    }
+    // From the VM to the others, and from the node.
+    for ip in [&ips_b[0], &ips_r[0], &ips_b[1], &ips_r[1]] {
+        let v6 = if ip.contains(':') { "-6" } else { "" };
+        sh_until(&mut c, &web, &format!("ping {v6} -c 1 -W 2 {ip}"), WAIT).await?;
+    }
+    let got = node_until(
+        &["busybox", "wget", "-q", "-O", "-", &format!("http://{a4}:8080/")],
+        WAIT,
+    )?;
+    assert_eq!(got.trim(), page, "from the node");
+
+    // The veth's counters (PodSandboxStats) saw the traffic.
+    let stats = c.pod_stats(&a.id).await?;
+    let iface = stats
+        .linux
+        .and_then(|l| l.network)
+        .and_then(|n| n.default_interface)
+        .ok_or_else(|| anyhow!("PodSandboxStats has no network interface"))?;
+    let rx = iface.rx_bytes.map(|v| v.value).unwrap_or(0);
+    let tx = iface.tx_bytes.map(|v| v.value).unwrap_or(0);
+    assert!(rx > 0 && tx > 0, "{}: rx {rx} tx {tx}", iface.name);
+
+    // Removal releases the addresses (host-local's leases) and leaves nothing.
+    let leases = std::path::Path::new("/var/lib/cni/networks/vmbox-cri");
+    for ip in &ips_a {
+        assert!(leases.join(ip).exists(), "no lease for {ip} while the pod runs");
+    }
+    for pod in [&a, &b, &r] {
+        if pod.id == r.id {
+            c.stop_and_remove_pod(&pod.id).await?;
+        } else {
+            remove_and_check(&mut c, pod).await?;
+        }
+    }
+    remove_cgroup_parents(&["vmbox-cri-test/net-a", "vmbox-cri-test"]);
+    for ip in ips_a.iter().chain(&ips_b) {
+        assert!(!leases.join(ip).exists(), "the lease of {ip} outlived its pod");
+    }
+    Ok(())
+}
