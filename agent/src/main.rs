@@ -13,6 +13,7 @@ mod cgroup;
 mod container;
 mod engine;
 mod fdio;
+mod forward;
 mod init;
 mod oom;
 mod reaper;
@@ -154,6 +155,12 @@ async fn serve(params: init::Params) -> Result<(), String> {
     streams
         .listen()
         .map_err(|e| format!("stdio listener on vsock port {}: {e}", vmbox_protocol::STDIO_PORT))?;
+    forward::listen().map_err(|e| {
+        format!(
+            "port-forward listener on vsock port {}: {e}",
+            vmbox_protocol::FORWARD_PORT
+        )
+    })?;
     let containers = container::Containers::new(reaper, streams);
     watch_oom(containers.clone());
     let service = service::Service {

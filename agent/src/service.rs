@@ -164,6 +164,13 @@ impl Agent for Service {
         Ok(Empty::new())
     }
 
+    async fn list_listeners(&self, _: &TtrpcContext, _: Empty) -> Res<ListenersResponse> {
+        Ok(ListenersResponse {
+            ports: crate::forward::listeners(),
+            ..Default::default()
+        })
+    }
+
     async fn setup_network(&self, _: &TtrpcContext, r: Network) -> Res<Network> {
         let applied = async {
             let want = vmbox_network::proto::decode(&r)?;

@@ -14,6 +14,32 @@ use nix::sched::CloneFlags;
 
 use crate::NetworkError;
 
+/// Runs the blocking `job` on a new thread inside the network namespace at `path` (sockets
+/// it makes stay in that namespace whichever thread uses them later). Blocks the caller
+/// until the job is done. Fails naming `path` when it cannot be entered.
+pub fn run_blocking_in<T: Send + 'static>(
+    path: &Path,
+    job: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, NetworkError> {
+    let f = std::fs::File::open(path).map_err(|source| NetworkError::Netns {
+        path: path.into(),
+        source,
+    })?;
+    let p = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("netns".into())
+        .spawn(move || {
+            nix::sched::setns(f.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| NetworkError::Netns {
+                path: p,
+                source: e.into(),
+            })?;
+            Ok(job())
+        })
+        .map_err(NetworkError::io("start a thread for a network namespace"))?
+        .join()
+        .map_err(|_| NetworkError::Invalid("the network namespace thread panicked".into()))?
+}
+
 /// Runs `job` with a netlink handle inside the network namespace at `path` (a bind mount
 /// such as `/var/run/netns/cni-...`, or `/proc/<pid>/ns/net`); `None` runs it in the
 /// calling process's own namespace. Blocks the caller until the job is done: call it

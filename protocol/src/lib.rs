@@ -18,6 +18,7 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/gen/agent_ttrpc.rs"));
 }
 
+pub mod forward;
 pub mod hello;
 pub mod id;
 pub mod stream;
@@ -42,6 +43,8 @@ pub const HELLO_PORT: u32 = 1024;
 pub const AGENT_PORT: u32 = 1025;
 /// Guest vsock port on which the agent accepts stdio streams.
 pub const STDIO_PORT: u32 = 1026;
+/// Guest vsock port on which the agent accepts port-forward streams ([`forward`]).
+pub const FORWARD_PORT: u32 = 1027;
 
 /// Errors of the framing in this crate.
 #[derive(Debug, thiserror::Error)]

@@ -112,6 +112,8 @@ pub trait GuestAgent: Send + Sync {
     /// Gives the guest the pod's network (NICs found by MAC); returns the guest's view
     /// afterwards, checked ([`vmbox_network::proto::decode`]). Idempotent.
     async fn setup_network(&self, net: &vmbox_network::Network) -> Result<vmbox_network::Network, ShimError>;
+    /// The TCP ports the guest listens on (wildcard or loopback), at most 1024.
+    async fn listeners(&self) -> Result<Vec<u16>, ShimError>;
 }
 
 /// [`GuestAgent`] over the agent's ttrpc service.
@@ -268,6 +270,18 @@ impl GuestAgent for TtrpcAgent {
         let r = timing::guest(self.client.setup_network(self.slow(), &req)).await;
         let view = r.map_err(ShimError::agent)?;
         vmbox_network::proto::decode(&view).map_err(|e| ShimError::Agent(format!("SetupNetwork reply: {e}")))
+    }
+
+    async fn listeners(&self) -> Result<Vec<u16>, ShimError> {
+        let r = timing::guest(self.client.list_listeners(self.quick(), &pb::Empty::new())).await;
+        let ports = r.map_err(ShimError::agent)?.ports;
+        // The guest's list: bounded, and only real ports.
+        Ok(ports
+            .into_iter()
+            .take(1024)
+            .filter_map(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+            .collect())
     }
 
     async fn update(&self, container: &Id, resources: Vec<u8>) -> Result<(), ShimError> {

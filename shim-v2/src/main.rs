@@ -11,6 +11,7 @@ mod check;
 mod core;
 mod error;
 mod events;
+mod forward;
 mod io;
 mod metrics;
 mod mounts;

@@ -458,8 +458,11 @@ pub struct Stream {
     ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
     /// Everything received on stdout (and stderr, which a tty merges).
     pub output: Vec<u8>,
-    /// The v4 status message, once it came.
+    /// The v4 status message, once it came (a port-forward's error channel).
     pub status: Option<String>,
+    /// A port-forward session: channel 0 carries the data (after the 2-byte port the
+    /// server sends first on each channel), channel 1 errors.
+    port_forward: bool,
 }
 
 /// Connects to `addr` from inside the network namespace at `netns` (containerd's streaming
@@ -505,6 +508,7 @@ impl Stream {
             ws,
             output: Vec::new(),
             status: None,
+            port_forward: false,
         })
     }
 
@@ -547,7 +551,13 @@ impl Stream {
                 Ok(None) => return Ok(false),
                 Ok(Some(m)) => m?,
             };
-            if let tokio_tungstenite::tungstenite::Message::Binary(b) = msg {
+            if let (tokio_tungstenite::tungstenite::Message::Binary(b), true) = (&msg, self.port_forward) {
+                match b.first() {
+                    Some(&0) => self.output.extend_from_slice(&b[1..]),
+                    Some(&1) if b.len() > 3 => self.status = Some(String::from_utf8_lossy(&b[1..]).into_owned()),
+                    _ => {}
+                }
+            } else if let tokio_tungstenite::tungstenite::Message::Binary(b) = msg {
                 match b.first() {
                     Some(&channel::STDOUT) | Some(&channel::STDERR) => self.output.extend_from_slice(&b[1..]),
                     Some(&channel::ERROR) => self.status = Some(String::from_utf8_lossy(&b[1..]).into_owned()),
@@ -583,6 +593,22 @@ impl Cri {
             .await;
         let url = call("Exec", r)?.url;
         Stream::open(&url, &self.netns()).await
+    }
+
+    /// CRI PortForward to `port` of `pod`, opened the way the kubelet's websocket path
+    /// does (`?port=`); send on channel 0, read with [`Stream::read_until`].
+    pub async fn port_forward(&mut self, pod: &str, port: u16) -> Result<Stream> {
+        let r = self
+            .rt
+            .port_forward(req(cri::PortForwardRequest {
+                pod_sandbox_id: pod.into(),
+                port: vec![port.into()],
+            }))
+            .await;
+        let url = call("PortForward", r)?.url;
+        let mut s = Stream::open(&format!("{url}?port={port}"), &self.netns()).await?;
+        s.port_forward = true;
+        Ok(s)
     }
 
     /// CRI Attach to a container's init (its stdin and tty as created); the session.

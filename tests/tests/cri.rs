@@ -583,6 +583,26 @@ async fn pods_on_the_cni_bridge_reach_each_other_a_runc_pod_and_the_node() -> Re
     )?;
     assert_eq!(got.trim(), page, "from the node");
 
+    // kubectl port-forward: containerd dials localhost:8080 in the pod's netns.
+    let t = Instant::now();
+    loop {
+        let mut fwd = c.port_forward(&a.id, 8080).await?;
+        fwd.send(0, b"GET / HTTP/1.0\r\n\r\n").await?;
+        // The session stays open after the server's answer, as with runc.
+        if fwd.read_until(page, Duration::from_secs(20)).await? {
+            break;
+        }
+        let got = String::from_utf8_lossy(&fwd.output).into_owned();
+        // The shim relays the ports it has seen the guest listen on (polled every second).
+        if t.elapsed() > WAIT {
+            return Err(anyhow!(
+                "port-forward to 8080 never reached httpd: {got:?} {:?}",
+                fwd.status
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
     // The veth's counters (PodSandboxStats) saw the traffic.
     let stats = c.pod_stats(&a.id).await?;
     let iface = stats

@@ -23,6 +23,8 @@ pub struct Sandbox {
     seams: Seams,
     config: Config,
     next_stream: AtomicU64,
+    /// The port-forward relay of a pod with a network namespace; dropped at stop.
+    forward: std::sync::Mutex<Option<crate::forward::PortForward>>,
 }
 
 /// What a sandbox's VM is made of, decided from its first container's spec.
@@ -120,15 +122,24 @@ impl Sandbox {
             Ok((vm.clone(), agent))
         };
         match booted.await {
-            Ok((vm, agent)) => Ok(Sandbox {
-                id,
-                layout,
-                vm,
-                agent,
-                seams,
-                config,
-                next_stream: AtomicU64::new(1),
-            }),
+            Ok((vm, agent)) => {
+                let forward = match &shape.network {
+                    vmbox_oci::PodNetwork::Namespace(p) => {
+                        Some(crate::forward::start(p.clone(), vm.clone(), agent.clone()))
+                    }
+                    _ => None,
+                };
+                Ok(Sandbox {
+                    id,
+                    layout,
+                    vm,
+                    agent,
+                    seams,
+                    config,
+                    next_stream: AtomicU64::new(1),
+                    forward: std::sync::Mutex::new(forward),
+                })
+            }
             Err(e) => {
                 let host = seams.host.clone();
                 let dir = layout.dir.clone();
@@ -136,6 +147,10 @@ impl Sandbox {
                 Err(e)
             }
         }
+    }
+
+    fn stop_forwarding(&self) {
+        drop(self.forward.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 
     /// Opens a new stdio stream to the agent; returns its id.
@@ -173,6 +188,7 @@ impl Sandbox {
     /// Graceful stop: the agent stops the containers and flushes, the VM powers off; each
     /// step bounded, then everything on the host is removed.
     pub async fn shutdown(&self) {
+        self.stop_forwarding();
         let t = &self.config.timeouts;
         let total = Duration::from_millis(t.shutdown_ms);
         match self
@@ -200,6 +216,7 @@ impl Sandbox {
 
     /// Stops the VM without asking the guest (second signal, dead guest), removes the files.
     pub async fn stop_hard(&self) {
+        self.stop_forwarding();
         self.vm.stop().await;
         let host = self.seams.host.clone();
         let dir = self.layout.dir.clone();

@@ -172,6 +172,11 @@ impl GuestAgent for Guest {
         self.alive()
     }
 
+    async fn listeners(&self) -> Result<Vec<u16>, ShimError> {
+        self.alive()?;
+        Ok(Vec::new())
+    }
+
     async fn setup_network(&self, net: &vmbox_network::Network) -> Result<vmbox_network::Network, ShimError> {
         self.alive()?;
         let containers = self.containers.lock().unwrap().len();
