@@ -345,10 +345,23 @@ pub fn to_guest(spec: &Spec, id: &str, ann: &Annotations) -> Result<GuestSpec, O
         });
     }
     spec.set_mounts(Some(mounts));
-    // Host hooks cannot run in the guest.
-    if spec.hooks().is_some() {
-        log::warn!("container {id}: OCI hooks are not run inside the VM; dropped");
-        spec.set_hooks(None);
+    // createRuntime, prestart, poststart and poststop run on the host (the shim's hooks
+    // module); startContainer hooks name programs in the container and run there, in the
+    // guest. createContainer hooks run in the container's namespaces but are resolved in
+    // the runtime's, which in a VM is the guest's, without the host's programs: refused.
+    if let Some(h) = spec.hooks().clone() {
+        if h.create_container().as_ref().is_some_and(|v| !v.is_empty()) {
+            return Err(OciError::Field {
+                field: "hooks.createContainer".into(),
+                reason: "these run in the container's namespaces with a path from the runtime's, which inside a VM is the guest's, not the host's; not supported by vmbox (use createRuntime or startContainer)".into(),
+            });
+        }
+        let start = h.start_container().clone().filter(|v| !v.is_empty());
+        spec.set_hooks(start.map(|v| {
+            let mut only = oci_spec::runtime::Hooks::default();
+            only.set_start_container(Some(v));
+            only
+        }));
     }
     if let Some(mut linux) = spec.linux().clone() {
         linux.set_cgroups_path(None);

@@ -12,6 +12,7 @@ mod core;
 mod error;
 mod events;
 mod forward;
+mod hooks;
 mod io;
 mod metrics;
 mod mounts;
@@ -61,5 +62,14 @@ async fn serve() {
         Some("check") => std::process::exit(if check::run() { 0 } else { 1 }),
         _ => {}
     }
-    containerd_shim::asynchronous::run::<service::Service>(RUNTIME, None).await;
+    // No waitpid(-1) reaper and no subreaper. These must be set here: containerd-shim 0.11
+    // installs its signal handling (the reaper on SIGCHLD) before `Shim::new` sees the
+    // config, so setting them there came too late and the crate's reaper stole the exit
+    // statuses of QEMU, its daemons and OCI hooks (ECHILD in their waiters).
+    let config = containerd_shim::Config {
+        no_reaper: true,
+        no_sub_reaper: true,
+        ..Default::default()
+    };
+    containerd_shim::asynchronous::run::<service::Service>(RUNTIME, Some(config)).await;
 }

@@ -59,10 +59,9 @@ impl Shim for Service {
     type T = TaskService;
 
     async fn new(_runtime_id: &str, args: &Flags, config: &mut ShimConfig) -> Self {
-        // The one reaper on the host side is per child (see vmbox-hypervisor); the crate's
-        // waitpid(-1) reaper would steal QEMU's and the daemons' exit statuses.
+        // Set by main before the crate reads them (see there); kept for the record: the
+        // host side's reaping is per child, and orphans go to init, not to this shim.
         config.no_reaper = true;
-        // Orphans (e.g. a daemon's helper) go to init, not to a shim that never reaps them.
         config.no_sub_reaper = true;
         let cfg = Config::load().map_err(|e| e.to_string());
         if let Ok(c) = &cfg {

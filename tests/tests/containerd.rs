@@ -57,6 +57,16 @@ fn a_detached_container_supports_the_task_commands() {
 
     c.assert_exec_t_sees_its_terminal("default", id, "x3");
 
+    // The shim reaps its children one by one, by pid: no SIGCHLD handler (containerd-shim's
+    // waitpid(-1) reaper) that would steal QEMU's, a daemon's or a hook's exit status.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", c.shim_pid(id))).unwrap();
+    let caught = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        .unwrap();
+    assert_eq!(caught & (1 << (nix::libc::SIGCHLD - 1)), 0, "the shim catches SIGCHLD: {caught:x}");
+
     let ps = ok(&c.ctr(&["task", "ps", id]), "ctr task ps");
     assert!(ps.lines().count() >= 3, "init shell and sleep expected: {ps}");
 

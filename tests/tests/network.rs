@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use vmbox_tests::containerd::{containerd, ok, text, Containerd};
+use vmbox_tests::containerd::{containerd, ok, text, Containerd, RUNTIME};
 use vmbox_tests::netns::Netns;
 
 /// Runs `cmd` in container `id` (`ctr task exec`) until it exits 0; its stdout. Fails
@@ -121,7 +121,7 @@ fn two_vms_on_a_bridge_reach_each_other_and_the_node_over_v4_and_v6() {
 fn without_a_namespace_path_or_with_the_host_network_the_guest_has_loopback_only() {
     let c = containerd();
     for (id, extra) in [("net-lo", vec![]), ("net-host", vec!["--net-host"])] {
-        let mut args = vec!["run", "--rm", "--runtime", vmbox_tests::containerd::RUNTIME];
+        let mut args = vec!["run", "--rm", "--runtime", RUNTIME];
         args.extend_from_slice(&extra);
         args.extend_from_slice(&[
             vmbox_tests::containerd::IMAGE,
@@ -134,6 +134,100 @@ fn without_a_namespace_path_or_with_the_host_network_the_guest_has_loopback_only
         let links: Vec<&str> = out.lines().take_while(|l| !l.contains(':')).collect();
         assert_eq!(links, ["lo"], "{id}: {out}");
         assert!(out.contains("UP"), "{id}: lo is down: {out}");
+        let left = c.wait_clean(id);
+        assert!(left.is_empty(), "{id} left: {left:#?}");
+    }
+}
+
+/// A spec for `ctr run --config`: busybox at `root`, running `script`, with `hooks`.
+fn hook_spec(c: &Containerd, root: &std::path::Path, script: &str, hooks: serde_json::Value) -> std::path::PathBuf {
+    let out = c.ctr(&["oci", "spec"]);
+    let mut spec: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ctr oci spec");
+    spec["root"] = serde_json::json!({ "path": root });
+    spec["process"]["args"] = serde_json::json!(["sh", "-c", script]);
+    spec["process"]["env"] = serde_json::json!(["PATH=/bin"]);
+    spec["hooks"] = hooks;
+    let path = root.with_extension("json");
+    std::fs::write(&path, serde_json::to_vec(&spec).unwrap()).unwrap();
+    path
+}
+
+fn recorded(dir: &std::path::Path, stage: &str) -> serde_json::Value {
+    let path = dir.join(format!("{stage}.json"));
+    let text = std::fs::read(&path).unwrap_or_else(|e| panic!("the {stage} hook did not run ({}: {e})", path.display()));
+    serde_json::from_slice(&text).unwrap_or_else(|e| panic!("{stage}: {e}: {}", String::from_utf8_lossy(&text)))
+}
+
+/// OCI hooks as nerdctl uses them: createRuntime, prestart, poststart and poststop run on
+/// the host with the OCI state on stdin; a createRuntime hook that puts an interface into
+/// `/proc/<pid>/ns/net` (as nerdctl's CNI hook does) gives the VM that interface;
+/// startContainer hooks run in the container; createContainer hooks are refused by name.
+#[test]
+fn oci_hooks_run_on_the_host_and_a_create_runtime_hook_can_wire_the_network() {
+    let c = containerd();
+    let ns = Netns::new(&["hook-peer"]);
+    let dir = c.dir.join("hooks");
+    let _ = std::fs::remove_dir_all(&dir);
+    let root = dir.join("rootfs");
+    vmbox_tests::busybox_rootfs(&root).unwrap();
+    let env = serde_json::json!([
+        "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+        format!("OUT={}", dir.display()),
+        format!("PEER={}", ns.name(0)),
+    ]);
+    let record = |stage: &str| serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", format!("cat > $OUT/{stage}.json")], "env": env});
+    // What a CNI plugin run from nerdctl's hook does: a veth into the container's netns.
+    let wire = r#"set -e; cat > $OUT/createRuntime.json
+pid=$(sed -n 's/.*"pid":\([0-9]*\).*/\1/p' $OUT/createRuntime.json)
+ip link add vmbox-hk0 netns $PEER mtu 1400 type veth peer name eth0 netns $pid
+ip -n $PEER addr add 10.98.0.1/24 dev vmbox-hk0; ip -n $PEER link set vmbox-hk0 up
+nsenter --net=/proc/$pid/ns/net ip addr add 10.98.0.2/24 dev eth0
+nsenter --net=/proc/$pid/ns/net ip link set eth0 up"#;
+    let hooks = serde_json::json!({
+        "createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", wire], "env": env, "timeout": 30}],
+        "prestart": [record("prestart")],
+        "poststart": [record("poststart")],
+        "poststop": [record("poststop")],
+        "startContainer": [{"path": "/bin/sh", "args": ["sh", "-c", "echo started > /tmp/started"]}],
+    });
+    let script = "cat /tmp/started; ip -o addr show dev eth0; ping -c 3 -W 2 10.98.0.1";
+    let spec = hook_spec(c, &root, script, hooks);
+    let spec_arg = spec.display().to_string();
+    let out = c.ctr(&["run", "--rm", "--runtime", RUNTIME, "--config", &spec_arg, "hooks-1"]);
+    let stdout = ok(&out, "ctr run --config with hooks");
+    assert!(stdout.contains("started"), "the startContainer hook did not run in the container: {stdout}");
+    assert!(stdout.contains("10.98.0.2/24"), "the hook's interface is not in the VM: {stdout}");
+    let created = recorded(&dir, "createRuntime");
+    assert_eq!((created["id"].as_str(), created["status"].as_str()), (Some("hooks-1"), Some("creating")));
+    assert!(created["bundle"].as_str().is_some_and(|b| b.ends_with("/default/hooks-1")), "{created}");
+    assert_eq!(recorded(&dir, "prestart")["status"], "creating");
+    let started = recorded(&dir, "poststart");
+    assert_eq!(started["status"], "running");
+    assert!(started["pid"].as_u64().is_some_and(|p| p > 0), "{started}");
+    assert_eq!(recorded(&dir, "poststop")["status"], "stopped");
+    let left = c.wait_clean("hooks-1");
+    assert!(left.is_empty(), "hooks-1 left: {left:#?}");
+
+    // A failing createRuntime hook fails the create, naming the hook; a createContainer
+    // hook is refused by name. Neither leaves anything.
+    for (id, hooks, needle) in [
+        (
+            "hooks-2",
+            serde_json::json!({"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "echo no network for you >&2; exit 3"]}]}),
+            "hooks.createRuntime[0]",
+        ),
+        (
+            "hooks-3",
+            serde_json::json!({"createContainer": [{"path": "/bin/true"}]}),
+            "hooks.createContainer",
+        ),
+    ] {
+        let spec = hook_spec(c, &root, "true", hooks);
+        let spec_arg = spec.display().to_string();
+        let out = c.ctr(&["run", "--rm", "--runtime", RUNTIME, "--config", &spec_arg, id]);
+        let err = text(&out.stderr);
+        assert!(!out.status.success() && err.contains(needle), "{id}: {err}");
+        let _ = c.ctr(&["container", "rm", id]);
         let left = c.wait_clean(id);
         assert!(left.is_empty(), "{id} left: {left:#?}");
     }

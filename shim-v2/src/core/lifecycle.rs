@@ -44,6 +44,7 @@ impl Core {
             memory_mib: size.memory_mib,
             cgroup: vmbox_oci::cgroup::host_cgroup(&spec)?,
             network: vmbox_oci::pod_network(&spec),
+            hooks: crate::hooks::HostHooks::of(&spec, req.id.as_str(), &bundle),
         };
         if ann.container_type == vmbox_oci::ContainerType::Sandbox {
             log::info!("sandbox of {}: {}", req.id, size.why);
@@ -57,6 +58,7 @@ impl Core {
         let container = Arc::new(Container {
             id: id.clone(),
             bundle: req.bundle.clone(),
+            hooks: shape.hooks.clone(),
             ops: RwLock::new(()),
             procs: Mutex::new(Procs {
                 init: Process::new(Status::Creating, stdio.clone(), None),
@@ -78,6 +80,12 @@ impl Core {
         }
         let created = async {
             let sandbox = self.sandbox_for(&id, &ann, &shape, &config).await?;
+            // The booting container's createRuntime/prestart hooks ran before the boot;
+            // a later container's run now, with the VMM (in the pod's namespace) as pid.
+            if sandbox.id != id && container.hooks.before_create() {
+                let (hooks, pid) = (container.hooks.clone(), sandbox.host_pid());
+                blocking(move || hooks.run_before_create(pid)).await??;
+            }
             let subject = format!("container={id}");
             let pid = timing::phase(
                 &subject,
@@ -256,6 +264,10 @@ impl Core {
                     container: c.id.to_string(),
                     pid,
                 });
+                if !c.hooks.poststart.is_empty() {
+                    let hooks = c.hooks.clone();
+                    let _ = blocking(move || hooks.run_after(crate::hooks::Stage::Poststart, pid)).await;
+                }
                 Ok(pid)
             }
             Err(e) => {
@@ -435,6 +447,11 @@ impl Core {
             log::info!("last container deleted; shutting the sandbox down");
         }
         self.finish_shutdown(shutdown).await;
+        // After the container (and, for the last one, the sandbox) is gone, as runc.
+        if !c.hooks.poststop.is_empty() {
+            let hooks = c.hooks.clone();
+            let _ = blocking(move || hooks.run_after(crate::hooks::Stage::Poststop, pid)).await;
+        }
         Ok((pid, exit))
     }
 }

@@ -95,6 +95,8 @@ impl Procs {
 pub struct Container {
     pub id: Id,
     pub bundle: String,
+    /// Its OCI hooks that run on the host.
+    pub hooks: crate::hooks::HostHooks,
     ops: RwLock<()>,
     procs: Mutex<Procs>,
 }

@@ -36,6 +36,9 @@ pub struct Shape {
     pub cgroup: Option<std::path::PathBuf>,
     /// The pod's network ([`vmbox_oci::pod_network`]).
     pub network: vmbox_oci::PodNetwork,
+    /// The booting container's host hooks: `createRuntime`/`prestart` run before the
+    /// network namespace is scanned.
+    pub hooks: crate::hooks::HostHooks,
 }
 
 /// Runs blocking host work off the async workers.
@@ -63,16 +66,36 @@ impl Sandbox {
         shape: Shape,
         abandoned: Arc<AtomicBool>,
     ) -> Result<Sandbox, ShimError> {
-        let network = match &shape.network {
-            vmbox_oci::PodNetwork::Namespace(p) => Some(p.clone()),
-            vmbox_oci::PodNetwork::Loopback => None,
-            vmbox_oci::PodNetwork::Host => {
-                log::warn!(
-                    "sandbox {id}: the spec asks for the host's network (no network namespace); a VM cannot share the host's network stack, so the guest has loopback only"
-                );
-                None
-            }
+        if matches!(shape.network, vmbox_oci::PodNetwork::Host) {
+            log::warn!(
+                "sandbox {id}: the spec asks for the host's network (no network namespace); a VM cannot share the host's network stack, so the guest has loopback only"
+            );
+        }
+        // Hooks that run before the create see the namespace the VM will use (and may
+        // fill it, as nerdctl's CNI hook does) through a thread standing in for the init.
+        let holder = if shape.hooks.before_create() {
+            let (hooks, network) = (shape.hooks.clone(), shape.network.clone());
+            let holder = blocking(move || {
+                let holder = match &network {
+                    vmbox_oci::PodNetwork::Namespace(p) => Some(crate::hooks::NetnsHolder::new(Some(p))?),
+                    vmbox_oci::PodNetwork::Loopback => Some(crate::hooks::NetnsHolder::new(None)?),
+                    vmbox_oci::PodNetwork::Host => None,
+                };
+                let pid = holder.as_ref().map(|h| h.pid()).unwrap_or_else(std::process::id);
+                hooks.run_before_create(pid)?;
+                Ok::<_, ShimError>(holder)
+            })
+            .await??;
+            holder
+        } else {
+            None
         };
+        let network = match (&shape.network, &holder) {
+            (vmbox_oci::PodNetwork::Namespace(p), _) => Some(p.clone()),
+            (vmbox_oci::PodNetwork::Loopback, Some(h)) => Some(h.path()),
+            _ => None,
+        };
+        let has_network = network.is_some();
         let spec = VmSpec {
             name: format!("{namespace}-{id}"),
             run_dir: layout.run_dir.clone(),
@@ -123,12 +146,12 @@ impl Sandbox {
         };
         match booted.await {
             Ok((vm, agent)) => {
-                let forward = match &shape.network {
-                    vmbox_oci::PodNetwork::Namespace(p) => {
-                        Some(crate::forward::start(p.clone(), vm.clone(), agent.clone()))
-                    }
-                    _ => None,
-                };
+                // The VMM is in the namespace now; a holder's new one lives on through it.
+                drop(holder);
+                let forward = has_network.then(|| {
+                    let netns = std::path::PathBuf::from(format!("/proc/{}/ns/net", vm.vmm_pid()));
+                    crate::forward::start(netns, vm.clone(), agent.clone())
+                });
                 Ok(Sandbox {
                     id,
                     layout,
