@@ -8,7 +8,7 @@ AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/guest/vmbox-agent
 export VMBOX_CACHE ?= /var/cache/vmbox
 
-.PHONY: all build guest agent kernel initramfs install deps test unit-test vm-test e2e-test lint bench bench-vm soak quickstart clean cri-integration
+.PHONY: all build guest agent kernel initramfs install deps test unit-test vm-test e2e-test lint bench bench-net bench-vm soak quickstart clean cri-integration
 
 all: build guest
 
@@ -88,6 +88,12 @@ bench: build guest
 	@command -v runsc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q runsc
 	VMBOX_GUEST_DIR=$(abspath $(GUEST_OUT)) VMBOX_SHIM_DIR=$(abspath target/release) VMBOX_TEST_LOG=debug \
 	  cargo run --release -q -p vmbox-tests --bin runtime-bench; \
+	  rc=$$?; VMBOX_CTR_DIR=/run/vmbox-e2e tests/containerd/containerd.sh stop; exit $$rc
+
+# Pod network throughput and latency, vmbox vs runc (docs/benchmarks.md).
+bench-net: build guest
+	VMBOX_GUEST_DIR=$(abspath $(GUEST_OUT)) VMBOX_SHIM_DIR=$(abspath target/release) \
+	  cargo run --release -q -p vmbox-tests --bin net-bench; \
 	  rc=$$?; VMBOX_CTR_DIR=/run/vmbox-e2e tests/containerd/containerd.sh stop; exit $$rc
 
 # Leak and latency soak of the containerd path (docs/benchmarks.md).
