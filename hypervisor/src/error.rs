@@ -41,6 +41,8 @@ pub enum HypervisorError {
     Qmp { command: String, detail: String },
     #[error("invalid VM spec: {0}")]
     Spec(String),
+    #[error("{0}")]
+    Internal(String),
     #[error("pod network: {0}")]
     Network(#[from] vmbox_network::NetworkError),
     #[error("host cgroup {path}: {detail}")]

@@ -49,11 +49,23 @@ pub struct VmSpec {
     /// (the sandbox's `linux.cgroupsPath`); created at start, removed by `stop`. `None`
     /// leaves them in the shim's.
     pub cgroup: Option<PathBuf>,
-    /// The pod's network namespace (a path such as CRI's `/var/run/netns/cni-...`). Each
-    /// link in it that carries an address becomes a guest NIC (a tap with tc redirects,
-    /// [`vmbox_network::host::attach`]), and the VMM runs in it. `None`: the guest has only
-    /// `lo`.
-    pub network: Option<PathBuf>,
+    /// The pod's network namespace: each link in it that carries an address becomes a
+    /// guest NIC (a tap with tc redirects, [`vmbox_network::host::attach`]), and the VMM
+    /// runs in it. `None`: the guest has only `lo`.
+    pub network: Option<NetworkNamespace>,
+}
+
+/// The network namespace a VM is attached to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkNamespace {
+    /// One that outlives the VM (CRI's `/var/run/netns/cni-...`, `ctr run --with-ns
+    /// network:<path>`): the redirects made in it are recorded in the run directory and
+    /// removed when the VM stops (or by [`Hypervisor::cleanup`]).
+    Shared(PathBuf),
+    /// One only the VM holds once it runs (made for a container whose OCI hooks filled
+    /// it), reached through this path during the start only: it goes, links and all, with
+    /// the VMM, so nothing is recorded (the path may name another namespace later).
+    Private(PathBuf),
 }
 
 pub use vmbox_config::MAX_RUN_DIR_LEN;

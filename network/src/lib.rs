@@ -29,10 +29,12 @@ pub use ipnetwork::IpNetwork;
 /// Most NICs a VM gets: microvm has eight virtio-mmio slots, three of which the balloon,
 /// vsock and virtio-fs devices take.
 pub const MAX_INTERFACES: usize = 5;
-/// Most addresses per interface, routes and neighbours a description may carry (the guest
-/// sends one back: its sizes are bounded like everything else it sends).
+/// Most addresses per interface a description may carry (the guest sends one back: its
+/// sizes are bounded like everything else it sends).
 pub const MAX_ADDRESSES: usize = 64;
+/// Most routes a description may carry.
 pub const MAX_ROUTES: usize = 256;
+/// Most static neighbours a description may carry.
 pub const MAX_NEIGHBOURS: usize = 256;
 
 /// A link-layer (Ethernet) address.
@@ -62,6 +64,7 @@ impl fmt::Display for Mac {
 pub struct Interface {
     /// The link's name (`eth0` from a CNI), at most 15 bytes.
     pub name: String,
+    /// The link's MAC, which the guest NIC gets.
     pub mac: Mac,
     /// Bytes.
     pub mtu: u32,
@@ -94,7 +97,9 @@ pub struct Route {
 /// A static (`NUD_PERMANENT`) neighbour entry.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Neighbour {
+    /// Its IPv4 or IPv6 address.
     pub ip: IpAddr,
+    /// Its link-layer address.
     pub mac: Mac,
     /// The interface's name.
     pub device: String,
@@ -104,12 +109,16 @@ pub struct Neighbour {
 /// by value) so two views compare equal when they hold the same things.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Network {
+    /// At most [`MAX_INTERFACES`].
     pub interfaces: Vec<Interface>,
+    /// At most [`MAX_ROUTES`].
     pub routes: Vec<Route>,
+    /// At most [`MAX_NEIGHBOURS`].
     pub neighbours: Vec<Neighbour>,
 }
 
 impl Network {
+    /// No interface: the guest keeps loopback only.
     pub fn is_empty(&self) -> bool {
         self.interfaces.is_empty()
     }

@@ -14,23 +14,22 @@ use nix::sched::CloneFlags;
 
 use crate::NetworkError;
 
-/// Runs the blocking `job` on a new thread inside the network namespace at `path` (sockets
-/// it makes stay in that namespace whichever thread uses them later). Blocks the caller
-/// until the job is done. Fails naming `path` when it cannot be entered.
-pub fn run_blocking_in<T: Send + 'static>(
-    path: &Path,
+/// Runs the blocking `job` on a new thread inside the network namespace `ns` (an open
+/// `/proc/<pid>/ns/net` or bind mount, opened while it was known to be the right one;
+/// sockets the job makes stay in that namespace whichever thread uses them later).
+/// Blocks the caller until the job is done.
+pub fn run_blocking_in_file<T: Send + 'static>(
+    ns: &std::fs::File,
     job: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, NetworkError> {
-    let f = std::fs::File::open(path).map_err(|source| NetworkError::Netns {
-        path: path.into(),
-        source,
-    })?;
-    let p = path.to_path_buf();
+    let f = ns
+        .try_clone()
+        .map_err(NetworkError::io("duplicate a network namespace fd"))?;
     std::thread::Builder::new()
         .name("netns".into())
         .spawn(move || {
             nix::sched::setns(f.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| NetworkError::Netns {
-                path: p,
+                path: "(held namespace)".into(),
                 source: e.into(),
             })?;
             Ok(job())

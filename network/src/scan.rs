@@ -16,7 +16,9 @@ use crate::{Interface, IpNetwork, Mac, Neighbour, Network, NetworkError, Route};
 /// A link that carries addresses, with its kernel index.
 #[derive(Debug, Clone)]
 pub struct Link {
+    /// The kernel's interface index in the scanned namespace.
     pub index: u32,
+    /// What the guest's NIC must become.
     pub interface: Interface,
 }
 

@@ -175,7 +175,7 @@ fn an_empty_namespace_gives_no_interface_and_a_vanished_one_detaches_quietly() {
     let a = host::attach(&ns.path(0)).unwrap();
     assert!(a.network.is_empty() && a.taps.is_empty(), "{a:?}");
     let gone = PathBuf::from("/var/run/netns/vmbox-nt-never-made");
-    host::detach(&gone, &["eth0".into()]).unwrap();
+    host::detach(&gone, &[eth0(true)]).unwrap();
     let e = host::attach(&gone).unwrap_err();
     assert!(e.to_string().contains("vmbox-nt-never-made"), "{e}");
 }
@@ -255,8 +255,8 @@ fn frames_written_into_the_tap_leave_through_the_veth_and_replies_come_back() {
     assert_eq!(a.taps.len(), 1);
     let tap = &a.taps[0];
     assert_eq!(
-        (tap.name.as_str(), tap.link.as_str(), tap.mac),
-        ("tap0_vmbox", "eth0", mac(POD_MAC))
+        (tap.name.as_str(), &tap.link, tap.mac),
+        ("tap0_vmbox", &eth0(true), mac(POD_MAC))
     );
     // Both ingress qdiscs with their redirect filters, and the tap up with the veth's MTU.
     for (dev, to) in [("eth0", "tap0_vmbox"), ("tap0_vmbox", "eth0")] {
@@ -285,8 +285,7 @@ fn frames_written_into_the_tap_leave_through_the_veth_and_replies_come_back() {
         f.len() >= 42 && f[12..14] == [0x08, 0x00] && f[23] == 1 && f[34] == 0 && f[38..40] == [0x76, 0x62]
     });
 
-    let links = vec!["eth0".to_string()];
-    host::detach(&ns.path(1), &links).unwrap();
+    host::detach(&ns.path(1), &[eth0(true)]).unwrap();
     assert!(!ns.tc(1, &["qdisc", "show", "dev", "eth0"]).contains("ingress"));
     drop(file);
     drop(a);
@@ -365,5 +364,37 @@ fn the_guest_side_applies_what_the_host_saw() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("02:00:00:00:00:77"), "{e}");
-    host::detach(&ns.path(1), &["eth0".into()]).unwrap();
+    host::detach(&ns.path(1), &[eth0(true)]).unwrap();
+}
+
+fn eth0(own_qdisc: bool) -> host::Redirected {
+    host::Redirected {
+        name: "eth0".into(),
+        own_qdisc,
+    }
+}
+
+/// Another tool's ingress qdisc and filter on the pod's link are used and left alone.
+#[test]
+fn another_tools_ingress_qdisc_and_filter_survive_attach_and_detach() {
+    let ns = pod_and_peer();
+    ns.tc(1, &["qdisc", "add", "dev", "eth0", "ingress"]);
+    ns.tc(
+        1,
+        &[
+            "filter", "add", "dev", "eth0", "ingress", "pref", "10", "protocol", "ip", "u32", "match", "u32", "0", "0",
+            "flowid", "ffff:1",
+        ],
+    );
+    let a = host::attach(&ns.path(1)).unwrap();
+    assert_eq!(a.taps[0].link, eth0(false));
+    let f = ns.tc(1, &["filter", "show", "dev", "eth0", "ingress"]);
+    assert!(f.contains("pref 10") && f.contains("tap0_vmbox"), "{f}");
+    host::detach(&ns.path(1), &[a.taps[0].link.clone()]).unwrap();
+    let f = ns.tc(1, &["filter", "show", "dev", "eth0", "ingress"]);
+    assert!(
+        f.contains("pref 10") && !f.contains("tap0_vmbox"),
+        "only vmbox's filter goes: {f}"
+    );
+    assert!(ns.tc(1, &["qdisc", "show", "dev", "eth0"]).contains("ingress"));
 }

@@ -90,6 +90,14 @@ impl ShimError {
             ShimError::Unimplemented(_) => ttrpc::Code::UNIMPLEMENTED,
             ShimError::Shared(inner) => inner.code(),
             ShimError::Hypervisor(vmbox_hypervisor::HypervisorError::Spec(_)) => ttrpc::Code::INVALID_ARGUMENT,
+            // The spec's network namespace: more interfaces than a VM takes, or gone.
+            ShimError::Hypervisor(vmbox_hypervisor::HypervisorError::Network(n)) => match n {
+                vmbox_network::NetworkError::TooMany { .. } | vmbox_network::NetworkError::Invalid(_) => {
+                    ttrpc::Code::INVALID_ARGUMENT
+                }
+                vmbox_network::NetworkError::Netns { .. } => ttrpc::Code::FAILED_PRECONDITION,
+                _ => ttrpc::Code::INTERNAL,
+            },
             _ => ttrpc::Code::INTERNAL,
         }
     }

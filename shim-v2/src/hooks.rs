@@ -32,9 +32,13 @@ const OUTPUT_LIMIT: usize = 4096;
 /// When a hook runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
+    /// Before the container is created, after the runtime's environment is.
     CreateRuntime,
+    /// Legacy: as createRuntime, after it.
     Prestart,
+    /// After the container's process started.
     Poststart,
+    /// After the container was deleted.
     Poststop,
 }
 
@@ -52,13 +56,21 @@ impl Stage {
 /// A container's host hooks and what their OCI state is made of.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostHooks {
+    /// The container's id (the state's `id`).
     pub id: String,
+    /// Its bundle directory (the state's `bundle`).
     pub bundle: PathBuf,
+    /// The spec's `ociVersion`.
     pub oci_version: String,
+    /// The spec's annotations (the state's).
     pub annotations: std::collections::HashMap<String, String>,
+    /// `hooks.createRuntime`.
     pub create_runtime: Vec<Hook>,
+    /// `hooks.prestart`.
     pub prestart: Vec<Hook>,
+    /// `hooks.poststart`.
     pub poststart: Vec<Hook>,
+    /// `hooks.poststop`.
     pub poststop: Vec<Hook>,
 }
 
@@ -102,7 +114,10 @@ impl HostHooks {
     /// program cannot be started, Internal when it fails).
     pub fn run_before_create(&self, pid: u32) -> Result<(), ShimError> {
         let state = self.state("creating", pid);
-        for (stage, hooks) in [(Stage::CreateRuntime, &self.create_runtime), (Stage::Prestart, &self.prestart)] {
+        for (stage, hooks) in [
+            (Stage::CreateRuntime, &self.create_runtime),
+            (Stage::Prestart, &self.prestart),
+        ] {
             for (i, h) in hooks.iter().enumerate() {
                 run(h, &state).map_err(|e| e.named(stage, i))?;
             }
@@ -140,11 +155,9 @@ impl HookError {
         let field = format!("hooks.{}[{i}]", stage.name());
         match self {
             HookError::Spawn(p, e) => ShimError::Invalid(format!("{field}: cannot run {}: {e}", p.display())),
-            HookError::Failed(p, status, out) => ShimError::Internal(format!(
-                "{field}: {} failed ({status}): {}",
-                p.display(),
-                out.trim()
-            )),
+            HookError::Failed(p, status, out) => {
+                ShimError::Internal(format!("{field}: {} failed ({status}): {}", p.display(), out.trim()))
+            }
             HookError::Timeout(p, t) => ShimError::Internal(format!(
                 "{field}: {} did not finish within its timeout of {} s; killed",
                 p.display(),
@@ -154,7 +167,28 @@ impl HookError {
     }
 }
 
-/// Runs one hook with `state` on its stdin, bounded by its timeout.
+/// Drains `r` on a thread of its own, keeping the first [`OUTPUT_LIMIT`] bytes.
+fn drain(r: Option<impl Read + Send + 'static>) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    if let Some(mut r) = r {
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let room = OUTPUT_LIMIT.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+            }
+            let _ = tx.send(kept);
+        });
+    }
+    rx
+}
+
+/// Runs one hook with `state` on its stdin, bounded by its timeout. The hook is the
+/// leader of a process group of its own: at the timeout the whole group is killed.
 fn run(h: &Hook, state: &[u8]) -> Result<(), HookError> {
     let path = h.path().clone();
     let mut cmd = Command::new(&path);
@@ -169,13 +203,14 @@ fn run(h: &Hook, state: &[u8]) -> Result<(), HookError> {
         }
     }
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.process_group(0);
     let timeout = h
         .timeout()
         .filter(|t| *t > 0)
         .map(|t| Duration::from_secs(t as u64))
         .unwrap_or(DEFAULT_TIMEOUT);
     let mut child = cmd.spawn().map_err(|e| HookError::Spawn(path.clone(), e))?;
-    let pid = child.id();
+    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
     // A hook that does not read its stdin must not block us: write from a thread.
     if let Some(mut stdin) = child.stdin.take() {
         let state = state.to_vec();
@@ -183,34 +218,37 @@ fn run(h: &Hook, state: &[u8]) -> Result<(), HookError> {
             let _ = stdin.write_all(&state);
         });
     }
-    let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
+    let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let mut text = Vec::new();
-        for r in [out.as_mut().map(|o| o as &mut dyn Read), err.as_mut().map(|e| e as &mut dyn Read)]
-            .into_iter()
-            .flatten()
-        {
-            let mut buf = Vec::new();
-            let _ = r.take(OUTPUT_LIMIT as u64).read_to_end(&mut buf);
-            text.extend_from_slice(&buf);
-        }
-        let _ = tx.send((child.wait(), text));
+        let _ = tx.send(child.wait());
     });
-    match rx.recv_timeout(timeout) {
-        Ok((Ok(status), _)) if status.success() => {
+    let status = match rx.recv_timeout(timeout) {
+        Ok(s) => s,
+        Err(_) => {
+            // The leader is not reaped yet (its waiter still blocks in wait), so the
+            // group id is still the hook's.
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            return Err(HookError::Timeout(path, timeout));
+        }
+    };
+    match status {
+        Ok(s) if s.success() => {
             log::debug!("hook {} done", path.display());
             Ok(())
         }
-        Ok((status, text)) => {
+        status => {
+            // What it printed; a daemon it left holding the pipes gets a second.
+            let mut text = Vec::new();
+            for rx in [out, err] {
+                text.extend(rx.recv_timeout(Duration::from_secs(1)).unwrap_or_default());
+            }
             let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-            Err(HookError::Failed(path, status, String::from_utf8_lossy(&text).into_owned()))
-        }
-        Err(_) => {
-            // The child is not reaped yet (its waiter thread still blocks in wait), so
-            // the pid is still its own.
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
-            Err(HookError::Timeout(path, timeout))
+            Err(HookError::Failed(
+                path,
+                status,
+                String::from_utf8_lossy(&text).into_owned(),
+            ))
         }
     }
 }
@@ -230,7 +268,8 @@ impl NetnsHolder {
     pub fn new(path: Option<&Path>) -> Result<NetnsHolder, ShimError> {
         let ns = match path {
             Some(p) => Some(
-                std::fs::File::open(p).map_err(|e| ShimError::Invalid(format!("network namespace {}: {e}", p.display())))?,
+                std::fs::File::open(p)
+                    .map_err(|e| ShimError::Invalid(format!("network namespace {}: {e}", p.display())))?,
             ),
             None => None,
         };
@@ -245,10 +284,9 @@ impl NetnsHolder {
                     None => nix::sched::unshare(CloneFlags::CLONE_NEWNET)
                         .map_err(|e| format!("unshare: {e}"))
                         .and_then(|()| {
-                            vmbox_network::netns::run_in(
-                                Some(Path::new("/proc/thread-self/ns/net")),
-                                |h| async move { vmbox_network::guest::apply(&h, &Default::default()).await },
-                            )
+                            vmbox_network::netns::run_in(Some(Path::new("/proc/thread-self/ns/net")), |h| async move {
+                                vmbox_network::guest::apply(&h, &Default::default()).await
+                            })
                             .map(|_| ())
                             .map_err(|e| format!("bring lo up: {e}"))
                         }),
@@ -322,23 +360,44 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vmbox-hook-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let out = dir.join("state");
-        let script = format!("cat > {}; echo \"$0 $GREETING ${{HOME:-nohome}}\" >> {}", out.display(), out.display());
-        hooks(Stage::CreateRuntime, hook(&script, None)).run_before_create(42).unwrap();
+        let script = format!(
+            "cat > {}; echo \"$0 $GREETING ${{HOME:-nohome}}\" >> {}",
+            out.display(),
+            out.display()
+        );
+        hooks(Stage::CreateRuntime, hook(&script, None))
+            .run_before_create(42)
+            .unwrap();
         let got = std::fs::read_to_string(&out).unwrap();
-        assert!(got.starts_with(r#"{"annotations":{},"bundle":"/b","id":"c1","ociVersion":"1.0.2","pid":42,"status":"creating"}"#), "{got}");
+        assert!(
+            got.starts_with(
+                r#"{"annotations":{},"bundle":"/b","id":"c1","ociVersion":"1.0.2","pid":42,"status":"creating"}"#
+            ),
+            "{got}"
+        );
         assert!(got.ends_with("sh hi nohome\n"), "{got}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_failing_or_stuck_hook_fails_the_create_naming_it() {
-        let e = hooks(Stage::Prestart, hook("echo broken >&2; exit 3", None)).run_before_create(1).unwrap_err();
+        let e = hooks(Stage::Prestart, hook("echo broken >&2; exit 3", None))
+            .run_before_create(1)
+            .unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("hooks.prestart[0]") && msg.contains("broken") && msg.contains("3"), "{msg}");
+        assert!(
+            msg.contains("hooks.prestart[0]") && msg.contains("broken") && msg.contains("3"),
+            "{msg}"
+        );
         let t = std::time::Instant::now();
-        let e = hooks(Stage::CreateRuntime, hook("sleep 30", Some(1))).run_before_create(1).unwrap_err();
+        let e = hooks(Stage::CreateRuntime, hook("sleep 30", Some(1)))
+            .run_before_create(1)
+            .unwrap_err();
         assert!(e.to_string().contains("timeout of 1 s"), "{e}");
-        assert!(t.elapsed() < Duration::from_secs(10), "the stuck hook was not killed at its timeout");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the stuck hook was not killed at its timeout"
+        );
         let e = hooks(Stage::CreateRuntime, {
             let mut h = hook("", None);
             h.set_path("/nonexistent/hook".into());
@@ -346,6 +405,9 @@ mod tests {
         })
         .run_before_create(1)
         .unwrap_err();
-        assert!(matches!(e, ShimError::Invalid(_)) && e.to_string().contains("/nonexistent/hook"), "{e}");
+        assert!(
+            matches!(e, ShimError::Invalid(_)) && e.to_string().contains("/nonexistent/hook"),
+            "{e}"
+        );
     }
 }

@@ -65,7 +65,11 @@ fn a_detached_container_supports_the_task_commands() {
         .find_map(|l| l.strip_prefix("SigCgt:"))
         .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
         .unwrap();
-    assert_eq!(caught & (1 << (nix::libc::SIGCHLD - 1)), 0, "the shim catches SIGCHLD: {caught:x}");
+    assert_eq!(
+        caught & (1 << (nix::libc::SIGCHLD - 1)),
+        0,
+        "the shim catches SIGCHLD: {caught:x}"
+    );
 
     let ps = ok(&c.ctr(&["task", "ps", id]), "ctr task ps");
     assert!(ps.lines().count() >= 3, "init shell and sleep expected: {ps}");

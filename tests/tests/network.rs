@@ -154,7 +154,8 @@ fn hook_spec(c: &Containerd, root: &std::path::Path, script: &str, hooks: serde_
 
 fn recorded(dir: &std::path::Path, stage: &str) -> serde_json::Value {
     let path = dir.join(format!("{stage}.json"));
-    let text = std::fs::read(&path).unwrap_or_else(|e| panic!("the {stage} hook did not run ({}: {e})", path.display()));
+    let text =
+        std::fs::read(&path).unwrap_or_else(|e| panic!("the {stage} hook did not run ({}: {e})", path.display()));
     serde_json::from_slice(&text).unwrap_or_else(|e| panic!("{stage}: {e}: {}", String::from_utf8_lossy(&text)))
 }
 
@@ -195,11 +196,25 @@ nsenter --net=/proc/$pid/ns/net ip link set eth0 up"#;
     let spec_arg = spec.display().to_string();
     let out = c.ctr(&["run", "--rm", "--runtime", RUNTIME, "--config", &spec_arg, "hooks-1"]);
     let stdout = ok(&out, "ctr run --config with hooks");
-    assert!(stdout.contains("started"), "the startContainer hook did not run in the container: {stdout}");
-    assert!(stdout.contains("10.98.0.2/24"), "the hook's interface is not in the VM: {stdout}");
+    assert!(
+        stdout.contains("started"),
+        "the startContainer hook did not run in the container: {stdout}"
+    );
+    assert!(
+        stdout.contains("10.98.0.2/24"),
+        "the hook's interface is not in the VM: {stdout}"
+    );
     let created = recorded(&dir, "createRuntime");
-    assert_eq!((created["id"].as_str(), created["status"].as_str()), (Some("hooks-1"), Some("creating")));
-    assert!(created["bundle"].as_str().is_some_and(|b| b.ends_with("/default/hooks-1")), "{created}");
+    assert_eq!(
+        (created["id"].as_str(), created["status"].as_str()),
+        (Some("hooks-1"), Some("creating"))
+    );
+    assert!(
+        created["bundle"]
+            .as_str()
+            .is_some_and(|b| b.ends_with("/default/hooks-1")),
+        "{created}"
+    );
     assert_eq!(recorded(&dir, "prestart")["status"], "creating");
     let started = recorded(&dir, "poststart");
     assert_eq!(started["status"], "running");

@@ -30,7 +30,9 @@ pub enum VsockDevice<'a> {
 /// A guest NIC: a tap QEMU inherits as fd `fd`, and the MAC the guest sees (the pod link's).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Nic {
+    /// The tap's fd, inherited by QEMU at this number.
     pub fd: i32,
+    /// The guest NIC's MAC.
     pub mac: vmbox_network::Mac,
     /// Whether QEMU may use the kernel's vhost-net (`/dev/vhost-net` opens).
     pub vhost: bool,
@@ -60,6 +62,7 @@ pub struct QemuArgs<'a> {
     /// virtiofsd's socket, when a directory is shared.
     pub fs: Option<&'a Path>,
     pub vsock: VsockDevice<'a>,
+    /// The guest's NICs (at most what [`QemuArgs::check_slots`] lets through).
     pub nics: &'a [Nic],
 }
 

@@ -23,7 +23,7 @@ use crate::accel::{choose, Accel, HostFacts};
 use crate::binaries::{resolve, QEMU_HINT, VIRTIOFSD_HINT, VSOCK_HINT};
 use crate::process::Child;
 use crate::vsock::{Conn, Dialer, HelloListener};
-use crate::{qmp, BootTimes, Hypervisor, HypervisorError, Vm, VmExit, VmSpec, MAX_RUN_DIR_LEN};
+use crate::{qmp, BootTimes, Hypervisor, HypervisorError, NetworkNamespace, Vm, VmExit, VmSpec, MAX_RUN_DIR_LEN};
 pub use cmdline::{kernel_append, qemu_args, valid_name, Nic, QemuArgs, VsockDevice, MMIO_SLOTS, SHARE_TAG};
 pub use console::{Console, CONSOLE_RING};
 
@@ -62,6 +62,8 @@ pub struct QemuVm {
     /// The pod network carried in, and where: the namespace and its redirected links.
     network: vmbox_network::Network,
     netns: Option<NetnsRecord>,
+    /// The namespace QEMU is started in (shared or private).
+    netns_path: Option<PathBuf>,
 }
 
 /// In the run directory: the pod network namespace and the links redirected in it, so the
@@ -71,13 +73,22 @@ const NETNS_FILE: &str = "netns.json";
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct NetnsRecord {
     path: PathBuf,
-    links: Vec<String>,
+    /// (link name, whether its ingress qdisc is vmbox's).
+    links: Vec<(String, bool)>,
 }
 
 impl NetnsRecord {
     /// Removes the redirects (blocking). A namespace already gone is fine.
     fn detach(&self) -> Result<(), HypervisorError> {
-        Ok(vmbox_network::host::detach(&self.path, &self.links)?)
+        let links: Vec<vmbox_network::host::Redirected> = self
+            .links
+            .iter()
+            .map(|(name, own_qdisc)| vmbox_network::host::Redirected {
+                name: name.clone(),
+                own_qdisc: *own_qdisc,
+            })
+            .collect();
+        Ok(vmbox_network::host::detach(&self.path, &links)?)
     }
 }
 
@@ -217,6 +228,7 @@ impl QemuVm {
             cgroup: None,
             network: vmbox_network::Network::default(),
             netns: None,
+            netns_path: None,
         };
         if let Some(path) = &spec.cgroup {
             // Recorded first, so a shim that dies right after still gets it removed.
@@ -236,40 +248,53 @@ impl QemuVm {
             }
         }
         let mut taps = Vec::new();
-        if let Some(path) = spec.network.clone() {
+        if let Some(ns) = spec.network.clone() {
+            let (path, shared) = match ns {
+                NetworkNamespace::Shared(p) => (p, true),
+                NetworkNamespace::Private(p) => (p, false),
+            };
+            vm.netns_path = Some(path.clone());
+            // The record is written in the same blocking job as the redirects: an
+            // abandoned start (the task aborted meanwhile) still leaves it for cleanup.
+            let file = dir.join(NETNS_FILE);
             let attached = tokio::task::spawn_blocking({
                 let path = path.clone();
-                move || vmbox_network::host::attach(&path)
+                move || -> Result<(vmbox_network::host::Attachment, Option<NetnsRecord>), HypervisorError> {
+                    let a = vmbox_network::host::attach(&path)?;
+                    if !shared {
+                        return Ok((a, None));
+                    }
+                    let record = NetnsRecord {
+                        path: path.clone(),
+                        links: a.taps.iter().map(|t| (t.link.name.clone(), t.link.own_qdisc)).collect(),
+                    };
+                    if let Err(e) = std::fs::write(&file, serde_json::to_vec(&record).unwrap_or_default()) {
+                        let _ = record.detach();
+                        return Err(HypervisorError::Io {
+                            what: "write",
+                            path: file,
+                            source: e,
+                        });
+                    }
+                    Ok((a, Some(record)))
+                }
             })
             .await
-            .map_err(|e| HypervisorError::Spec(format!("pod network thread: {e}")));
-            let attached = attached.and_then(|r| r.map_err(HypervisorError::from));
-            let recorded = attached.and_then(|a| {
-                let record = NetnsRecord {
-                    path,
-                    links: a.taps.iter().map(|t| t.link.clone()).collect(),
-                };
-                let file = dir.join(NETNS_FILE);
-                vm.netns = Some(record.clone());
-                std::fs::write(&file, serde_json::to_vec(&record).unwrap_or_default())
-                    .map_err(HypervisorError::io("write", &file))?;
-                Ok(a)
-            });
-            match recorded {
-                Ok(a) => {
+            .map_err(|e| HypervisorError::Internal(format!("pod network thread: {e}")))
+            .and_then(|r| r);
+            match attached {
+                Ok((a, record)) => {
                     log::info!(
                         "vm {}: pod network {}: {}",
                         spec.name,
-                        vm.netns
-                            .as_ref()
-                            .map(|r| r.path.display().to_string())
-                            .unwrap_or_default(),
+                        path.display(),
                         if a.network.is_empty() {
                             "no addressed link (lo only)".to_string()
                         } else {
                             a.network.to_string().replace('\n', "; ")
                         }
                     );
+                    vm.netns = record;
                     vm.network = a.network;
                     taps = a.taps;
                 }
@@ -412,10 +437,8 @@ impl QemuVm {
         let args = qemu_args(&qemu_args_in);
         // QEMU lives in the pod's network namespace (where its taps are, and what
         // `/proc/<task pid>/ns/net` then names for containerd and `nsenter`).
-        let netns = match &self.netns {
-            Some(r) => {
-                Some(std::fs::File::open(&r.path).map_err(HypervisorError::io("open network namespace", &r.path))?)
-            }
+        let netns = match &self.netns_path {
+            Some(p) => Some(std::fs::File::open(p).map_err(HypervisorError::io("open network namespace", p))?),
             None => None,
         };
         let mut cmd = Command::new(qemu_bin);

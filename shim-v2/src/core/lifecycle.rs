@@ -227,7 +227,7 @@ impl Core {
             p.container,
             p.exec.as_ref().map(|e| e.as_str()).unwrap_or("")
         );
-        timing::phase(&subject, "start", async {
+        let started = timing::phase(&subject, "start", async {
             let _slot = self
                 .starts
                 .acquire()
@@ -235,12 +235,21 @@ impl Core {
                 .map_err(|e| ShimError::Internal(format!("start queue: {e}")))?;
             let c = self.container(&p.container)?;
             let sandbox = self.sandbox()?;
-            match &p.exec {
+            let pid = match &p.exec {
                 None => self.start_init(&sandbox, &c, p).await,
                 Some(_) => self.start_exec(&sandbox, &c, p).await,
-            }
+            }?;
+            Ok::<_, ShimError>((pid, c))
         })
-        .await
+        .await;
+        let (pid, c) = started?;
+        // poststart hooks before Start answers, as runc, but with no lock held: the
+        // container's exit, execs and delete do not wait for them.
+        if p.exec.is_none() && !c.hooks.poststart.is_empty() {
+            let hooks = c.hooks.clone();
+            let _ = blocking(move || hooks.run_after(crate::hooks::Stage::Poststart, pid)).await;
+        }
+        Ok(pid)
     }
 
     pub(super) async fn start_init(
@@ -264,10 +273,6 @@ impl Core {
                     container: c.id.to_string(),
                     pid,
                 });
-                if !c.hooks.poststart.is_empty() {
-                    let hooks = c.hooks.clone();
-                    let _ = blocking(move || hooks.run_after(crate::hooks::Stage::Poststart, pid)).await;
-                }
                 Ok(pid)
             }
             Err(e) => {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vmbox_config::Config;
-use vmbox_hypervisor::{Conn, Vm, VmSpec};
+use vmbox_hypervisor::{Conn, NetworkNamespace, Vm, VmSpec};
 use vmbox_protocol::Id;
 
 use super::seams::{Layout, Seams};
@@ -91,8 +91,9 @@ impl Sandbox {
             None
         };
         let network = match (&shape.network, &holder) {
-            (vmbox_oci::PodNetwork::Namespace(p), _) => Some(p.clone()),
-            (vmbox_oci::PodNetwork::Loopback, Some(h)) => Some(h.path()),
+            (vmbox_oci::PodNetwork::Namespace(p), _) => Some(NetworkNamespace::Shared(p.clone())),
+            // The holder's new namespace lives on only through the VMM.
+            (vmbox_oci::PodNetwork::Loopback, Some(h)) => Some(NetworkNamespace::Private(h.path())),
             _ => None,
         };
         let has_network = network.is_some();
@@ -137,8 +138,10 @@ impl Sandbox {
                         "sandbox {id}: the guest's network differs from the pod's; pod:\n{net}guest:\n{view}"
                     ),
                     Err(e) => {
+                        // The agent's code (NotFound: no NIC with a MAC) reaches containerd.
+                        log::warn!("sandbox {id}: set up the pod network in the guest: {e}");
                         vm.stop().await;
-                        return Err(ShimError::Agent(format!("set up the pod network in the guest: {e}")));
+                        return Err(e);
                     }
                 }
             }
@@ -148,10 +151,21 @@ impl Sandbox {
             Ok((vm, agent)) => {
                 // The VMM is in the namespace now; a holder's new one lives on through it.
                 drop(holder);
-                let forward = has_network.then(|| {
-                    let netns = std::path::PathBuf::from(format!("/proc/{}/ns/net", vm.vmm_pid()));
-                    crate::forward::start(netns, vm.clone(), agent.clone())
-                });
+                // The namespace is held open from now on: the VMM was just seen alive, and
+                // its pid may name another process once it exits.
+                let forward = if has_network {
+                    let netns = format!("/proc/{}/ns/net", vm.vmm_pid());
+                    match std::fs::File::open(&netns) {
+                        Ok(f) if vm.exited().is_none() => Some(crate::forward::start(f, vm.clone(), agent.clone())),
+                        Ok(_) => None,
+                        Err(e) => {
+                            log::warn!("sandbox {id}: no port-forward: open {netns}: {e}");
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
                 Ok(Sandbox {
                     id,
                     layout,

@@ -33,7 +33,10 @@ fn avg_ms(out: &str) -> Option<f64> {
 }
 
 fn main() {
-    let mib: u32 = std::env::var("VMBOX_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+    let mib: u32 = std::env::var("VMBOX_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
     let c = containerd();
     let ns = Netns::new(&["bench-node", "bench-v1", "bench-v2", "bench-r1", "bench-r2"]);
     ns.bridge("10.97.0.1/24", "fd00:97::1/64", 1400);
@@ -42,10 +45,20 @@ fn main() {
         ("runc", "io.containerd.runc.v2", 3, 4, "nb-r1", "nb-r2"),
     ];
     println!("pod network, {mib} MiB over one TCP stream and 20 pings (MTU 1400, one bridge)");
-    println!("{:<8} {:>16} {:>16} {:>14} {:>14}", "runtime", "pod->pod MB/s", "node->pod MB/s", "pod->pod ms", "node->pod ms");
+    println!(
+        "{:<8} {:>16} {:>16} {:>14} {:>14}",
+        "runtime", "pod->pod MB/s", "node->pod MB/s", "pod->pod ms", "node->pod ms"
+    );
     for (name, runtime, i, j, server, client) in pods {
         for k in [i, j] {
-            ns.wire(k, &format!("10.97.0.{}/24", k + 1), &format!("fd00:97::{}/64", k + 1), "10.97.0.1", "fd00:97::1", 1400);
+            ns.wire(
+                k,
+                &format!("10.97.0.{}/24", k + 1),
+                &format!("fd00:97::{}/64", k + 1),
+                "10.97.0.1",
+                "fd00:97::1",
+                1400,
+            );
         }
         let with_ns = |k: usize| format!("network:{}", ns.path(k).display());
         let serve = format!(
@@ -53,14 +66,33 @@ fn main() {
         );
         for (k, id, cmd) in [(i, server, serve.as_str()), (j, client, "sleep 100000")] {
             ok(
-                &c.ctr(&["run", "-d", "--runtime", runtime, "--with-ns", &with_ns(k), IMAGE, id, "sh", "-c", cmd]),
+                &c.ctr(&[
+                    "run",
+                    "-d",
+                    "--runtime",
+                    runtime,
+                    "--with-ns",
+                    &with_ns(k),
+                    IMAGE,
+                    id,
+                    "sh",
+                    "-c",
+                    cmd,
+                ]),
                 id,
             );
         }
         let ip = format!("10.97.0.{}", i + 1);
         // Wait (bounded) for the server's file and listener.
         let t = std::time::Instant::now();
-        while !exec(c, client, "probe", &format!("wget -q -O /dev/null --spider http://{ip}:8080/blob && echo up")).contains("up") {
+        while !exec(
+            c,
+            client,
+            "probe",
+            &format!("wget -q -O /dev/null --spider http://{ip}:8080/blob && echo up"),
+        )
+        .contains("up")
+        {
             assert!(t.elapsed() < Duration::from_secs(60), "{name}: httpd never came up");
         }
         let url = format!("http://{ip}:8080/blob");
@@ -70,9 +102,19 @@ fn main() {
         let pod_lat = avg_ms(&exec(c, client, "ping", &format!("ping -c 20 -i 0.2 {ip}")));
         let node_lat = ns.exec(0, &["busybox", "ping", "-c", "20", "-i", "0.2", &ip]);
         let node_lat = avg_ms(&text(&node_lat.stdout));
-        let mbps = |s: Option<f64>| s.map(|s| format!("{:.1}", mib as f64 * 1.048576 / s)).unwrap_or("?".into());
+        let mbps = |s: Option<f64>| {
+            s.map(|s| format!("{:.1}", mib as f64 * 1.048576 / s))
+                .unwrap_or("?".into())
+        };
         let ms = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or("?".into());
-        println!("{:<8} {:>16} {:>16} {:>14} {:>14}", name, mbps(pod), mbps(node), ms(pod_lat), ms(node_lat));
+        println!(
+            "{:<8} {:>16} {:>16} {:>14} {:>14}",
+            name,
+            mbps(pod),
+            mbps(node),
+            ms(pod_lat),
+            ms(node_lat)
+        );
         for id in [server, client] {
             let _ = c.ctr(&["task", "kill", "-s", "KILL", id]);
             let _ = c.ctr(&["task", "delete", "-f", id]);
