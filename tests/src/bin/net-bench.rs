@@ -2,7 +2,7 @@
 //! runtime on one bridge in a test network namespace (MTU 1400, as the CNI tests use),
 //! plus the bridge's namespace as "node". Not a test: prints a table.
 //!
-//!   make bench-net        (VMBOX_BENCH_MIB=64 by default)
+//!   make bench-net        (VMBOX_BENCH_MIB=256 by default)
 //!
 //! Throughput: busybox `wget` of a file of VMBOX_BENCH_MIB MiB from busybox `httpd` (one
 //! TCP stream, the guest's and host's default congestion control). Latency: the average
@@ -36,7 +36,7 @@ fn main() {
     let mib: u32 = std::env::var("VMBOX_BENCH_MIB")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(64);
+        .unwrap_or(256);
     let c = containerd();
     let ns = Netns::new(&["bench-node", "bench-v1", "bench-v2", "bench-r1", "bench-r2"]);
     ns.bridge("10.97.0.1/24", "fd00:97::1/64", 1400);
@@ -97,7 +97,7 @@ fn main() {
         }
         let url = format!("http://{ip}:8080/blob");
         let pod = real_seconds(&exec(c, client, "get", &format!("time wget -q -O /dev/null {url}")));
-        let node_out = ns.exec(0, &["sh", "-c", &format!("time busybox wget -q -O /dev/null {url}")]);
+        let node_out = ns.exec(0, &["busybox", "time", "busybox", "wget", "-q", "-O", "/dev/null", &url]);
         let node = real_seconds(&format!("{}{}", text(&node_out.stdout), text(&node_out.stderr)));
         let pod_lat = avg_ms(&exec(c, client, "ping", &format!("ping -c 20 -i 0.2 {ip}")));
         let node_lat = ns.exec(0, &["busybox", "ping", "-c", "20", "-i", "0.2", &ip]);
