@@ -97,7 +97,10 @@ fn main() {
         }
         let url = format!("http://{ip}:8080/blob");
         let pod = real_seconds(&exec(c, client, "get", &format!("time wget -q -O /dev/null {url}")));
-        let node_out = ns.exec(0, &["busybox", "time", "busybox", "wget", "-q", "-O", "/dev/null", &url]);
+        let node_out = ns.exec(
+            0,
+            &["busybox", "time", "busybox", "wget", "-q", "-O", "/dev/null", &url],
+        );
         let node = real_seconds(&format!("{}{}", text(&node_out.stdout), text(&node_out.stderr)));
         let pod_lat = avg_ms(&exec(c, client, "ping", &format!("ping -c 20 -i 0.2 {ip}")));
         let node_lat = ns.exec(0, &["busybox", "ping", "-c", "20", "-i", "0.2", &ip]);
