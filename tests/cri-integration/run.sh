@@ -147,7 +147,9 @@ TOML
     PATH="$repo/target/release:$PATH" VMBOX_CONFIG="$out/vmbox.toml" \
       nsenter "--net=/var/run/netns/$netns" "$out/bin/$ctrd_name" --config "$out/config.toml" \
       >> "$out/containerd.log" 2>&1 < /dev/null || true
-    sleep 0.5
+    # Longer than the test's 1 s poll for "containerd is gone" (restart_test.go), or
+    # it may only ever see the next containerd.
+    sleep 2.5
   done
 ) &
 echo $! > "$out/supervisor.pid"
