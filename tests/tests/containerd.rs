@@ -529,3 +529,26 @@ fn every_task_exit_follows_its_start_in_containerds_event_stream() {
     }
     c.remove(host);
 }
+
+/// `containerd-shim-vmbox-v2 check` names the accelerator, warns that TCG is no security
+/// boundary when it is the one, and checks /dev/net/tun for pod networking.
+#[test]
+fn check_warns_that_tcg_is_no_security_boundary() {
+    let dir = std::env::var_os("VMBOX_SHIM_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/usr/local/bin".into());
+    let out = std::process::Command::new(dir.join("containerd-shim-vmbox-v2"))
+        .arg("check")
+        .output()
+        .expect("run the shim's check");
+    let text = text(&out.stdout);
+    let accel = text
+        .lines()
+        .find(|l| l.starts_with("ok   accelerator:"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let warned = text
+        .lines()
+        .any(|l| l.starts_with("WARN accelerator:") && l.contains("not a security boundary"));
+    assert_eq!(accel.contains(": tcg"), warned, "{text}");
+    assert!(text.lines().any(|l| l.contains(" tun: ")), "{text}");
+}
