@@ -15,9 +15,20 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-/// Longest run directory, in bytes: its longest socket name (`/vhost-vsock.sock`) must fit
-/// `sun_path` (107 bytes plus the NUL).
-pub const MAX_RUN_DIR_LEN: usize = 107 - "/vhost-vsock.sock".len();
+/// The sockets below a run directory (the VMM's, in `vmm/`), for the length budget.
+pub const RUN_DIR_SOCKETS: &[&str] = &[
+    "vmm/qmp.sock",
+    "vmm/con.sock",
+    "vmm/fs.sock",
+    "vmm/vhost.sock",
+    "vmm/vsock",
+    "vmm/vsock_1024",
+];
+
+/// Longest run directory, in bytes: 17 bytes are kept for the socket names below it (at
+/// most `/vmm/vsock_1024` today, see [`RUN_DIR_SOCKETS`]), so paths fit `sun_path` (107
+/// bytes plus the NUL).
+pub const MAX_RUN_DIR_LEN: usize = 107 - 17;
 
 /// Longest `state_dir` whose run directories fit [`MAX_RUN_DIR_LEN`].
 pub const MAX_STATE_DIR_LEN: usize = MAX_RUN_DIR_LEN - "/vm/0123456789abcdef".len();
@@ -82,7 +93,9 @@ mod tests {
         let state = format!("/{}", "s".repeat(MAX_STATE_DIR_LEN - 1));
         let l = SandboxPaths::new(Path::new(&state), &"n".repeat(76), &"f".repeat(128));
         assert!(l.fits(), "{}", l.run_dir.display());
-        assert!(l.run_dir.join("vhost-vsock.sock").as_os_str().len() <= 107);
+        for sock in RUN_DIR_SOCKETS {
+            assert!(l.run_dir.join(sock).as_os_str().len() <= 107, "{sock}");
+        }
         let l = SandboxPaths::new(Path::new(&format!("{state}xx")), "n", "f");
         assert!(!l.fits());
     }

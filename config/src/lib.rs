@@ -68,7 +68,45 @@ pub struct Config {
     pub vm: VmConfig,
     pub binaries: Binaries,
     pub timeouts: Timeouts,
+    pub confinement: Confinement,
 }
+
+/// How the host processes a guest can reach (QEMU, vhost-device-vsock) are confined
+/// (docs/security.md): each VM's run as a uid and gid of their own, taken from
+/// `first_uid..first_uid + uids`, with no capabilities, `no_new_privs`, in a mount namespace
+/// that holds only what they need; QEMU also under its seccomp sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Confinement {
+    /// Off runs them as the shim's user (root) with every capability, as before.
+    pub enabled: bool,
+    /// First uid (and gid) of the range VMs take theirs from.
+    pub first_uid: u32,
+    /// How many uids the range holds (at most that many confined VMs at once).
+    pub uids: u32,
+    /// QEMU's `-sandbox` value (its seccomp filter).
+    pub qemu_sandbox: String,
+}
+
+impl Default for Confinement {
+    fn default() -> Self {
+        Confinement {
+            enabled: true,
+            first_uid: DEFAULT_FIRST_UID,
+            uids: 65536,
+            qemu_sandbox: DEFAULT_QEMU_SANDBOX.into(),
+        }
+    }
+}
+
+/// Default first uid of confined VMs: above the ranges Debian hands to users' subordinate
+/// ids (from 100000, 65536 each) and systemd-nspawn's container ranges (524288 to
+/// 1879048191), below 2^31 (which some tools treat as signed).
+pub const DEFAULT_FIRST_UID: u32 = 1_900_000_000;
+
+/// QEMU's seccomp sandbox as vmbox asks for it: on, with obsolete system calls, privilege
+/// changes, process spawning and resource control denied.
+pub const DEFAULT_QEMU_SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -126,6 +164,7 @@ impl Default for Config {
             vm: VmConfig::default(),
             binaries: Binaries::default(),
             timeouts: Timeouts::default(),
+            confinement: Confinement::default(),
         }
     }
 }
@@ -288,6 +327,26 @@ impl Config {
                 "must be an absolute path".into(),
             ));
         }
+        let c = &self.confinement;
+        if c.first_uid == 0 || c.uids == 0 || c.first_uid.checked_add(c.uids).is_none_or(|end| end > u32::MAX - 1) {
+            return Err(bad(
+                "confinement.first_uid",
+                format!("{} (uids {})", c.first_uid, c.uids),
+                "expected a range of at least one uid above 0 that ends below 4294967295".into(),
+            ));
+        }
+        if !c.qemu_sandbox.starts_with("on")
+            || !c
+                .qemu_sandbox
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b',' || b == b'=')
+        {
+            return Err(bad(
+                "confinement.qemu_sandbox",
+                format!("{:?}", c.qemu_sandbox),
+                "expected QEMU's -sandbox value, starting with on (letters, = and , only)".into(),
+            ));
+        }
         if self.vm.kernel_params.contains("vmbox.") {
             return Err(bad(
                 "vm.kernel_params",
@@ -345,6 +404,15 @@ mod tests {
         assert!(err.contains("log_level"), "{err}");
         let err = parse("[timeouts]\nboot_ms = 1\n").unwrap_err().to_string();
         assert!(err.contains("timeouts.boot_ms"), "{err}");
+        let err = parse("[confinement]\nfirst_uid = 4294967000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("confinement.first_uid"), "{err}");
+        let err = parse("[confinement]\nqemu_sandbox = \"off\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("confinement.qemu_sandbox"), "{err}");
+        assert!(!parse("[confinement]\nenabled = false\n").unwrap().confinement.enabled);
     }
 
     #[test]

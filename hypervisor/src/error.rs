@@ -21,6 +21,13 @@ pub enum HypervisorError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start {name} confined: {step}: {source} (confinement.enabled = false runs it unconfined)")]
+    Confine {
+        name: &'static str,
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{name} exited during start ({status}); its log:\n{log}")]
     EarlyExit {
         name: &'static str,

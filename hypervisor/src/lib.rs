@@ -12,10 +12,11 @@
 pub mod accel;
 pub mod binaries;
 pub mod cgroup;
+pub mod confine;
 mod error;
 mod process;
 pub mod qemu;
-mod qmp;
+pub mod qmp;
 pub mod vsock;
 
 use std::path::{Path, PathBuf};

@@ -47,22 +47,17 @@ async fn execute_inner(socket: &Path, command: &str, timeout: Duration, wait: bo
         };
         let (r, mut w) = s.into_split();
         let mut r = BufReader::new(r);
-        read_reply(&mut r).await.map_err(err)?; // greeting
+        parse_reply(&read_line(&mut r).await.map_err(err)?).map_err(err)?; // greeting
         for cmd in ["qmp_capabilities", command] {
             let line = format!("{}\n", json!({ "execute": cmd }));
             w.write_all(line.as_bytes()).await.map_err(|e| err(e.to_string()))?;
             loop {
-                let v = read_reply(&mut r).await.map_err(err)?;
-                if let Some(e) = v.get("error") {
-                    return Err(err(e.to_string()));
+                match parse_reply(&read_line(&mut r).await.map_err(err)?).map_err(err)? {
+                    Reply::Error(e) => return Err(err(e)),
+                    Reply::Return(ret) if cmd == command => return Ok(ret),
+                    Reply::Return(_) => break,
+                    Reply::Other => {} // an asynchronous event or the greeting
                 }
-                if let Some(ret) = v.get("return") {
-                    if cmd == command {
-                        return Ok(ret.clone());
-                    }
-                    break;
-                }
-                // An asynchronous event: skip it.
             }
         }
         Err(err("no reply".into()))
@@ -72,7 +67,44 @@ async fn execute_inner(socket: &Path, command: &str, timeout: Duration, wait: bo
         .map_err(|_| err(format!("no reply within {} ms", timeout.as_millis())))?
 }
 
-async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> Result<Value, String> {
+/// One line QEMU's monitor sent, as far as this client cares.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// `{"return": ...}`: the command's result.
+    Return(Value),
+    /// `{"error": ...}`: the command failed; the error object as text (at most 1 KiB).
+    Error(String),
+    /// The greeting or an asynchronous event.
+    Other,
+}
+
+/// Parses one monitor line (bytes QEMU, a process the guest may control, wrote).
+///
+/// Errors: the line is not a JSON object (the text says why).
+pub fn parse_reply(line: &[u8]) -> Result<Reply, String> {
+    let v: Value = serde_json::from_slice(line).map_err(|e| format!("bad reply: {e}"))?;
+    if !v.is_object() {
+        return Err("bad reply: not a JSON object".into());
+    }
+    if let Some(e) = v.get("error") {
+        let mut text = e.to_string();
+        if text.len() > 1024 {
+            let mut end = 1024;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+        return Ok(Reply::Error(text));
+    }
+    Ok(match v.get("return") {
+        Some(ret) => Reply::Return(ret.clone()),
+        None => Reply::Other,
+    })
+}
+
+/// Reads one line of at most [`MAX_LINE`] bytes.
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> Result<Vec<u8>, String> {
     let mut line = Vec::new();
     let n = (&mut *r)
         .take(MAX_LINE as u64)
@@ -82,7 +114,7 @@ async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> Result<Val
     if n == 0 {
         return Err("QEMU closed the monitor".into());
     }
-    serde_json::from_slice(&line).map_err(|e| format!("bad reply: {e}"))
+    Ok(line)
 }
 
 use tokio::io::AsyncReadExt;
@@ -131,5 +163,25 @@ mod tests {
         assert!(got.is_ok(), "{got:?}");
         assert!(server.await.unwrap().contains("\"cont\""));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::*;
+
+    #[test]
+    fn replies_errors_and_events_are_told_apart_and_bounded() {
+        assert_eq!(parse_reply(br#"{"return": {}}"#), Ok(Reply::Return(json!({}))));
+        assert_eq!(parse_reply(br#"{"QMP": {"version": {}}}"#), Ok(Reply::Other));
+        assert_eq!(parse_reply(br#"{"event": "STOP"}"#), Ok(Reply::Other));
+        let long = format!(r#"{{"error": {{"desc": "{}"}}}}"#, "é".repeat(4000));
+        match parse_reply(long.as_bytes()) {
+            Ok(Reply::Error(e)) => assert!(e.len() <= 1024, "{}", e.len()),
+            r => panic!("{r:?}"),
+        }
+        for bad in [&b"[1]"[..], b"", b"{", b"\xff", b"42"] {
+            assert!(parse_reply(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -320,3 +320,95 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
     }
     found
 }
+
+/// What `/proc/<pid>/status` and `/proc/<pid>/ns/mnt` say of a host process's privileges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Privileges {
+    pub pid: i32,
+    /// `/proc/<pid>/comm`.
+    pub name: String,
+    /// Real, effective, saved and filesystem uids.
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+    /// CapInh, CapPrm, CapEff, CapBnd, CapAmb (bit masks).
+    pub caps: [u64; 5],
+    pub no_new_privs: bool,
+    /// 0 none, 1 strict, 2 filter.
+    pub seccomp: u32,
+    /// The `mnt:[inode]` link.
+    pub mount_ns: String,
+}
+
+impl Privileges {
+    /// Reads them; `None` if the process is gone.
+    pub fn of(pid: i32) -> Option<Privileges> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}:")))
+                .map(str::trim)
+                .unwrap_or("")
+                .to_string()
+        };
+        let ids = |k: &str| {
+            field(k)
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect::<Vec<u32>>()
+        };
+        let cap = |k: &str| u64::from_str_radix(&field(k), 16).unwrap_or(u64::MAX);
+        Some(Privileges {
+            pid,
+            name: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .ok()?
+                .trim()
+                .to_string(),
+            uids: ids("Uid"),
+            gids: ids("Gid"),
+            caps: [
+                cap("CapInh"),
+                cap("CapPrm"),
+                cap("CapEff"),
+                cap("CapBnd"),
+                cap("CapAmb"),
+            ],
+            no_new_privs: field("NoNewPrivs") == "1",
+            seccomp: field("Seccomp").parse().unwrap_or(99),
+            mount_ns: std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+                .ok()?
+                .to_string_lossy()
+                .into_owned(),
+        })
+    }
+}
+
+/// Every descendant of `pid` (children, their children, ...), from `/proc/*/stat`.
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let mut parent_of = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        if let Some(ppid) = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|x| x.parse::<i32>().ok())
+        {
+            parent_of.push((p, ppid));
+        }
+    }
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(parent_of.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        i += 1;
+    }
+    found.remove(0);
+    found
+}

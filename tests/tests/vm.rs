@@ -580,3 +580,70 @@ async fn a_stopped_container_without_its_cgroup_answers_kill_as_runc_and_is_remo
     t.kill_and_remove("admin", &mut a).await.unwrap();
     t.shutdown().await.unwrap();
 }
+
+/// Issue 13: a guest that floods its serial console (a container writing to the guest's
+/// /dev/ttyS0 as fast as it can for 30 s) costs the host a bounded amount: the console ring
+/// holds at most CONSOLE_RING bytes, no file in the run directory grows, and the sandbox
+/// keeps answering (execs run back to back throughout, each within its deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_flooding_its_console_costs_the_host_a_bounded_amount() {
+    use vmbox_hypervisor::qemu::CONSOLE_RING;
+    let t = TestVm::boot("flood").await.unwrap();
+    let mut s: serde_json::Value = serde_json::from_slice(&spec(
+        &["sh", "-c", "yes vmbox-console-flood-0123456789abcdef > /dev/ttyS0"],
+        false,
+    ))
+    .unwrap();
+    // The guest's first serial port (4:64), as `--device /dev/ttyS0` would give it.
+    s["linux"]["devices"] = serde_json::json!([{ "path": "/dev/ttyS0", "type": "c", "major": 4, "minor": 64, "fileMode": 438, "uid": 0, "gid": 0 }]);
+    s["linux"]["resources"] =
+        serde_json::json!({ "devices": [{ "allow": true, "type": "c", "major": 4, "minor": 64, "access": "rwm" }] });
+    let mut flood = create_with_spec(&t, "flood", &s).await;
+    t.start("flood").await.unwrap();
+    let (_, before) = t.vm.console_bytes();
+    let t0 = std::time::Instant::now();
+    let mut execs = 0;
+    let mut slowest = Duration::ZERO;
+    while t0.elapsed() < Duration::from_secs(30) {
+        let t1 = std::time::Instant::now();
+        let (_, status, out) = tokio::time::timeout(
+            Duration::from_secs(30),
+            exec(&t, "flood", &format!("probe{execs}"), &["echo", "alive"]),
+        )
+        .await
+        .expect("an exec answers within 30 s while the guest floods its console");
+        assert_eq!((status, out.as_str()), (0, "alive\n"));
+        slowest = slowest.max(t1.elapsed());
+        execs += 1;
+        let (held, _) = t.vm.console_bytes();
+        assert!(held <= CONSOLE_RING, "{held} bytes of console held");
+    }
+    let (held, total) = t.vm.console_bytes();
+    let flooded = total - before;
+    eprintln!("console flood: {flooded} bytes in 30 s, {held} held; {execs} execs, slowest {slowest:?}");
+    assert!(
+        flooded > 4 * CONSOLE_RING as u64,
+        "the flood reached the host ({flooded} bytes): the bound was exercised"
+    );
+    assert!(held <= CONSOLE_RING, "{held} bytes of console held");
+    let mut on_disk = 0;
+    for e in walk(&t.config.state_dir.join("vm")) {
+        on_disk += e;
+    }
+    assert!(on_disk < 1 << 20, "{on_disk} bytes in the run directory");
+    t.kill_and_remove("flood", &mut flood).await.unwrap();
+    t.shutdown().await.unwrap();
+}
+
+/// Sizes of the regular files below `dir`.
+fn walk(dir: &std::path::Path) -> Vec<u64> {
+    let mut sizes = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        match e.file_type() {
+            Ok(t) if t.is_dir() => sizes.extend(walk(&e.path())),
+            Ok(t) if t.is_file() => sizes.push(e.metadata().map(|m| m.len()).unwrap_or(0)),
+            _ => {}
+        }
+    }
+    sizes
+}

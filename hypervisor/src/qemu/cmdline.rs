@@ -34,8 +34,9 @@ pub struct Nic {
     pub fd: i32,
     /// The guest NIC's MAC.
     pub mac: vmbox_network::Mac,
-    /// Whether QEMU may use the kernel's vhost-net (`/dev/vhost-net` opens).
-    pub vhost: bool,
+    /// An fd of `/dev/vhost-net` QEMU inherits for the kernel's vhost-net (the caller
+    /// opened it; QEMU never opens the device itself), or none for QEMU's own virtio-net.
+    pub vhostfd: Option<i32>,
 }
 
 /// virtio-mmio slots of QEMU's microvm machine (its documentation: "up to eight").
@@ -64,6 +65,8 @@ pub struct QemuArgs<'a> {
     pub vsock: VsockDevice<'a>,
     /// The guest's NICs (at most what [`QemuArgs::check_slots`] lets through).
     pub nics: &'a [Nic],
+    /// QEMU's seccomp sandbox (`-sandbox` value), when confined.
+    pub sandbox: Option<&'a str>,
 }
 
 impl QemuArgs<'_> {
@@ -162,11 +165,18 @@ pub fn qemu_args(a: &QemuArgs) -> Vec<OsString> {
         }
     }
     for (i, nic) in a.nics.iter().enumerate() {
-        let vhost = if nic.vhost { "on" } else { "off" };
+        let vhost = match nic.vhostfd {
+            Some(fd) => format!("vhost=on,vhostfd={fd}"),
+            None => "vhost=off".into(),
+        };
         v.push("-netdev".into());
-        v.push(format!("tap,id=net{i},fd={},vhost={vhost}", nic.fd).into());
+        v.push(format!("tap,id=net{i},fd={},{vhost}", nic.fd).into());
         v.push("-device".into());
         v.push(format!("virtio-net-device,netdev=net{i},mac={}", nic.mac).into());
+    }
+    if let Some(sandbox) = a.sandbox {
+        v.push("-sandbox".into());
+        v.push(sandbox.into());
     }
     v.push("-S".into());
     v
@@ -227,6 +237,7 @@ mod tests {
             fs,
             vsock,
             nics: &[],
+            sandbox: None,
         }
     }
 
@@ -293,12 +304,12 @@ mod tests {
             Nic {
                 fd: 7,
                 mac: vmbox_network::Mac([2, 0x42, 10, 88, 0, 5]),
-                vhost: false,
+                vhostfd: None,
             },
             Nic {
                 fd: 8,
                 mac: vmbox_network::Mac([2, 0x42, 10, 88, 0, 6]),
-                vhost: true,
+                vhostfd: Some(11),
             },
         ];
         let mut a = args(
@@ -310,7 +321,7 @@ mod tests {
         let v = qemu_args(&a);
         assert_eq!(
             strs(&arg_after(&v, "-netdev")),
-            ["tap,id=net0,fd=7,vhost=off", "tap,id=net1,fd=8,vhost=on"]
+            ["tap,id=net0,fd=7,vhost=off", "tap,id=net1,fd=8,vhost=on,vhostfd=11"]
         );
         let devices = strs(&arg_after(&v, "-device"));
         assert!(devices.contains(&"virtio-net-device,netdev=net0,mac=02:42:0a:58:00:05".to_string()));
@@ -321,6 +332,17 @@ mod tests {
         a.nics = &many;
         let e = a.check_slots().unwrap_err();
         assert!(e.contains("6 network interfaces") && e.contains("9 virtio-mmio"), "{e}");
+    }
+
+    #[test]
+    fn a_confined_qemu_gets_its_seccomp_sandbox() {
+        let mut a = args(Accel::Tcg, VsockDevice::VhostUser(Path::new("/v")), None);
+        assert!(arg_after(&qemu_args(&a), "-sandbox").is_empty());
+        a.sandbox = Some(vmbox_config::DEFAULT_QEMU_SANDBOX);
+        assert_eq!(
+            strs(&arg_after(&qemu_args(&a), "-sandbox")),
+            ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+        );
     }
 
     #[test]

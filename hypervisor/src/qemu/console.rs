@@ -20,6 +20,44 @@ use crate::HypervisorError;
 pub const CONSOLE_RING: usize = 64 * 1024;
 /// Longest console line copied into the log, in bytes.
 pub const MAX_LOG_LINE: usize = 1024;
+/// Console lines copied into the log per second at most (a burst of this many, refilled at
+/// this rate); the rest are counted and reported as suppressed.
+pub const LOG_LINES_PER_SEC: u32 = 50;
+
+/// A token bucket for log lines: `allow` says whether a line may go to the log now, and
+/// how many were suppressed since the last one that did.
+#[derive(Debug)]
+pub struct LineLimiter {
+    per_sec: u32,
+    tokens: f64,
+    last: std::time::Instant,
+    suppressed: u64,
+}
+
+impl LineLimiter {
+    pub fn new(per_sec: u32) -> LineLimiter {
+        LineLimiter {
+            per_sec,
+            tokens: f64::from(per_sec),
+            last: std::time::Instant::now(),
+            suppressed: 0,
+        }
+    }
+
+    /// At `now`: `Some(suppressed before this one)` if the line may be logged, else `None`.
+    pub fn allow(&mut self, now: std::time::Instant) -> Option<u64> {
+        let rate = f64::from(self.per_sec);
+        self.tokens = (self.tokens + now.saturating_duration_since(self.last).as_secs_f64() * rate).min(rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
 
 /// A bounded byte ring: pushing past its capacity drops the oldest bytes.
 #[derive(Debug, Default)]
@@ -60,6 +98,7 @@ impl Ring {
 /// The host end of a VM's console.
 pub struct Console {
     ring: Arc<Mutex<Ring>>,
+    received: Arc<std::sync::atomic::AtomicU64>,
     reader: JoinHandle<()>,
     path: PathBuf,
 }
@@ -67,13 +106,17 @@ pub struct Console {
 impl Console {
     /// Listens on `path` (before QEMU starts: QEMU connects at start-up) and keeps what
     /// arrives; each line also goes to the log at trace level, as `vm <name> console: ...`
-    /// (cut at [`MAX_LOG_LINE`] bytes). Needs a tokio runtime.
+    /// (cut at [`MAX_LOG_LINE`] bytes, at most [`LOG_LINES_PER_SEC`] a second, the rest
+    /// counted as suppressed). Needs a tokio runtime.
     pub fn listen(path: &Path, name: &str) -> Result<Console, HypervisorError> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).map_err(HypervisorError::io("listen on console socket", path))?;
         let ring = Arc::new(Mutex::new(Ring::new(CONSOLE_RING)));
         let r = ring.clone();
+        let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let total = received.clone();
         let name = name.to_string();
+        let mut limiter = LineLimiter::new(LOG_LINES_PER_SEC);
         let reader = tokio::spawn(async move {
             let mut line: Vec<u8> = Vec::new();
             // One connection: QEMU's. It lives as long as QEMU.
@@ -86,13 +129,24 @@ impl Console {
                 match s.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
+                        total.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                         if let Ok(mut ring) = r.lock() {
                             ring.push(&buf[..n]);
                         }
                         if log::log_enabled!(log::Level::Trace) {
                             for &b in &buf[..n] {
                                 if b == b'\n' {
-                                    log::trace!("vm {name} console: {}", String::from_utf8_lossy(&line).trim_end());
+                                    match limiter.allow(std::time::Instant::now()) {
+                                        Some(0) => log::trace!(
+                                            "vm {name} console: {}",
+                                            String::from_utf8_lossy(&line).trim_end()
+                                        ),
+                                        Some(k) => log::trace!(
+                                            "vm {name} console ({k} lines suppressed before): {}",
+                                            String::from_utf8_lossy(&line).trim_end()
+                                        ),
+                                        None => {}
+                                    }
                                     line.clear();
                                 } else if line.len() < MAX_LOG_LINE {
                                     line.push(b);
@@ -105,6 +159,7 @@ impl Console {
         });
         Ok(Console {
             ring,
+            received,
             reader,
             path: path.to_path_buf(),
         })
@@ -118,6 +173,11 @@ impl Console {
     /// Bytes held now (at most [`CONSOLE_RING`]).
     pub fn held(&self) -> usize {
         self.ring.lock().map(|r| r.held()).unwrap_or(0)
+    }
+
+    /// Bytes the guest printed in all.
+    pub fn received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -145,6 +205,21 @@ mod tests {
         assert_eq!(r.held(), 10);
     }
 
+    #[test]
+    fn log_lines_are_limited_to_a_burst_and_a_rate_and_the_rest_counted() {
+        let mut l = LineLimiter::new(10);
+        let t0 = std::time::Instant::now();
+        let allowed = (0..100).filter(|_| l.allow(t0).is_some()).count();
+        assert_eq!(allowed, 10, "a burst of the rate");
+        // Half a second later: five more, the first reporting the 90 suppressed.
+        let t1 = t0 + std::time::Duration::from_millis(500);
+        assert_eq!(l.allow(t1), Some(90));
+        assert_eq!((0..10).filter(|_| l.allow(t1).is_some()).count(), 4);
+        // A quiet minute refills only up to the burst.
+        let t2 = t1 + std::time::Duration::from_secs(60);
+        assert_eq!((0..100).filter(|_| l.allow(t2).is_some()).count(), 10);
+    }
+
     #[tokio::test]
     async fn a_flooding_guest_costs_a_fixed_amount_of_memory() {
         let dir = std::env::temp_dir().join(format!("vmbox-console-{}", std::process::id()));
@@ -168,6 +243,7 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         assert!(console.held() <= CONSOLE_RING, "{} bytes held", console.held());
+        assert_eq!(console.received(), 4096 * 1024 + 8);
         drop(console);
         assert!(!path.exists());
         std::fs::remove_dir_all(&dir).unwrap();

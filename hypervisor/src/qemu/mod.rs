@@ -64,7 +64,17 @@ pub struct QemuVm {
     netns: Option<NetnsRecord>,
     /// The namespace QEMU is started in (shared or private).
     netns_path: Option<PathBuf>,
+    /// The VM's own uid when its VMM and vhost-device-vsock are confined.
+    identity: Option<crate::confine::Identity>,
 }
+
+/// Below the run directory: the sockets QEMU and vhost-device-vsock use, the only part of
+/// it they see (and may write) when confined. Names are short: the longest path below the
+/// run directory, `/vmm/vsock_1024`, must fit the run directory's socket budget.
+const VMM_DIR: &str = "vmm";
+/// Below the run directory: an empty directory each confined child mounts its root on
+/// (in its own mount namespace; the host sees it empty).
+const JAIL_DIR: &str = "jail";
 
 /// In the run directory: the pod network namespace and the links redirected in it, so the
 /// redirects go with the VM, also after a shim that died ([`cleanup_run_dir`]).
@@ -93,12 +103,29 @@ impl NetnsRecord {
 }
 
 /// Whether QEMU can use the kernel's vhost-net (absent here; present on most KVM hosts).
-fn vhost_net_usable() -> bool {
+/// Opened here and handed to QEMU (`vhostfd=`), so a confined QEMU needs no access to
+/// the device.
+fn open_vhost_net() -> Option<OwnedFd> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/vhost-net")
-        .is_ok()
+        .ok()
+        .map(OwnedFd::from)
+}
+
+/// A spawn's result, with the jail step that failed named.
+fn confined(
+    child: Result<Child, HypervisorError>,
+    jail: Option<&mut crate::confine::Jail>,
+) -> Result<Child, HypervisorError> {
+    let step = jail.and_then(|j| j.failure());
+    match (child, step) {
+        (Err(HypervisorError::Spawn { name, source }), Some(step)) => {
+            Err(HypervisorError::Confine { name, step, source })
+        }
+        (r, _) => r,
+    }
 }
 
 /// In the run directory: the host cgroup's path, for a later shim's cleanup.
@@ -206,11 +233,37 @@ impl QemuVm {
         };
         std::fs::create_dir_all(&spec.run_dir).map_err(HypervisorError::io("create run directory", &spec.run_dir))?;
         let dir = spec.run_dir.clone();
+        let vmm_dir = dir.join(VMM_DIR);
+        std::fs::create_dir_all(&vmm_dir).map_err(HypervisorError::io("create", &vmm_dir))?;
+        let identity = if cfg.confinement.enabled {
+            let seed = dir
+                .file_name()
+                .and_then(|n| u64::from_str_radix(&n.to_string_lossy(), 16).ok())
+                .unwrap_or_default();
+            let id = crate::confine::Identity::reserve(
+                &cfg.state_dir.join("uids"),
+                cfg.confinement.first_uid,
+                cfg.confinement.uids,
+                seed,
+            )?;
+            crate::confine::check_readable("vm.kernel", &cfg.vm.kernel, id.uid)?;
+            crate::confine::check_readable("vm.initramfs", &cfg.vm.initramfs, id.uid)?;
+            let jail = dir.join(JAIL_DIR);
+            std::fs::create_dir_all(&jail).map_err(HypervisorError::io("create", &jail))?;
+            std::os::unix::fs::chown(&vmm_dir, Some(id.uid), Some(id.uid))
+                .map_err(HypervisorError::io("chown", &vmm_dir))?;
+            std::fs::set_permissions(&vmm_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .map_err(HypervisorError::io("chmod", &vmm_dir))?;
+            log::info!("vm {}: VMM confined as uid {}", spec.name, id.uid);
+            Some(id)
+        } else {
+            None
+        };
         let (vhostfd, dialer) = if kernel_vsock {
             let (fd, cid) = reserve_cid()?;
             (Some(fd), Dialer::Kernel { cid })
         } else {
-            let uds = dir.join("vsock.sock");
+            let uds = vmm_dir.join("vsock");
             (None, Dialer::Hybrid { uds })
         };
         let mut vm = QemuVm {
@@ -229,6 +282,7 @@ impl QemuVm {
             network: vmbox_network::Network::default(),
             netns: None,
             netns_path: None,
+            identity,
         };
         if let Some(path) = &spec.cgroup {
             // Recorded first, so a shim that dies right after still gets it removed.
@@ -331,16 +385,22 @@ impl QemuVm {
         taps: Vec<vmbox_network::host::Tap>,
     ) -> Result<(), HypervisorError> {
         let dir = self.dir.clone();
+        let vmm_dir = dir.join(VMM_DIR);
         let t_daemons = Instant::now();
         // Both daemons start at once; their sockets are awaited together below.
         let mut sockets: Vec<(PathBuf, &'static str, PathBuf, usize)> = Vec::new();
-        let fs_sock = dir.join("fs.sock");
+        let fs_sock = vmm_dir.join("fs.sock");
         if let Some(shared) = &spec.shared_dir {
             let bin = resolve("virtiofsd", &cfg.binaries.virtiofsd, VIRTIOFSD_HINT)?;
             let mut cmd = Command::new(bin);
             cmd.arg(format!("--socket-path={}", fs_sock.display()))
                 .arg(format!("--shared-dir={}", shared.display()))
-                .args(["--cache=auto", "--sandbox=namespace", "--log-level=warn"]);
+                .args([
+                    "--cache=auto",
+                    "--sandbox=namespace",
+                    "--seccomp=kill",
+                    "--log-level=warn",
+                ]);
             self.enter_cgroup(&mut cmd)?;
             self.daemons
                 .push(Child::spawn("virtiofsd", cmd, &dir.join("virtiofsd.log"))?);
@@ -351,19 +411,25 @@ impl QemuVm {
                 self.daemons.len() - 1,
             ));
         }
-        let vsock_sock = dir.join("vhost-vsock.sock");
+        let vsock_sock = vmm_dir.join("vhost.sock");
         let hello_port = match &self.dialer {
             Dialer::Hybrid { uds } => {
                 let bin = resolve("vhost-device-vsock", &cfg.binaries.vhost_device_vsock, VSOCK_HINT)?;
-                let mut cmd = Command::new(bin);
+                let mut cmd = Command::new(&bin);
                 cmd.arg("--vm").arg(format!(
                     "guest-cid=3,socket={},uds-path={}",
                     vsock_sock.display(),
                     uds.display()
                 ));
                 self.enter_cgroup(&mut cmd)?;
-                self.daemons
-                    .push(Child::spawn("vhost-device-vsock", cmd, &dir.join("vsock.log"))?);
+                let mut jail = self.jail(&bin, &[], &[], &[])?;
+                let child = Child::spawn_with("vhost-device-vsock", cmd, &dir.join("vsock.log"), |cmd| {
+                    if let Some(j) = jail.as_mut() {
+                        j.install(cmd);
+                    }
+                    Ok(())
+                });
+                self.daemons.push(confined(child, jail.as_mut())?);
                 sockets.push((
                     vsock_sock.clone(),
                     "vhost-device-vsock",
@@ -378,9 +444,16 @@ impl QemuVm {
         for (sock, name, log, daemon) in &sockets {
             self.wait_for_socket(sock, name, log, *daemon).await?;
         }
+        // virtiofsd runs as root: its socket is handed to the confined QEMU's uid.
+        if spec.shared_dir.is_some() {
+            self.give_to_vmm(&fs_sock)?;
+        }
         // Listen before the guest boots: the guest dials in, the host never dials a booting
         // guest (that can wedge vhost-user vsock devices).
         let listener = HelloListener::bind(&self.dialer, hello_port)?;
+        if let Some(p) = listener.path() {
+            self.give_to_vmm(p)?;
+        }
         let hostname = match spec.hostname.as_deref() {
             Some(h) if vmbox_protocol::valid_hostname(h) => Some(h),
             Some(h) => {
@@ -399,9 +472,10 @@ impl QemuVm {
             hostname,
             &cfg.vm.kernel_params,
         );
-        let console_sock = dir.join("console.sock");
+        let console_sock = vmm_dir.join("con.sock");
         self.console = Some(Console::listen(&console_sock, &self.name)?);
-        let qmp_sock = dir.join("qmp.sock");
+        self.give_to_vmm(&console_sock)?;
+        let qmp_sock = vmm_dir.join("qmp.sock");
         let vsock = match &self.dialer {
             Dialer::Hybrid { .. } => VsockDevice::VhostUser(&vsock_sock),
             Dialer::Kernel { cid } => VsockDevice::Kernel {
@@ -409,13 +483,14 @@ impl QemuVm {
                 vhostfd: vhostfd.as_ref().map(|f| f.as_raw_fd()),
             },
         };
-        let vhost = !taps.is_empty() && vhost_net_usable();
+        let vhost_fds: Vec<Option<OwnedFd>> = taps.iter().map(|_| open_vhost_net()).collect();
         let nics: Vec<Nic> = taps
             .iter()
-            .map(|t| Nic {
+            .zip(&vhost_fds)
+            .map(|(t, v)| Nic {
                 fd: t.fd.as_raw_fd(),
                 mac: t.mac,
-                vhost,
+                vhostfd: v.as_ref().map(|f| f.as_raw_fd()),
             })
             .collect();
         let qemu_args_in = QemuArgs {
@@ -432,6 +507,7 @@ impl QemuVm {
             fs: spec.shared_dir.as_ref().map(|_| fs_sock.as_path()),
             vsock,
             nics: &nics,
+            sandbox: self.identity.as_ref().map(|_| cfg.confinement.qemu_sandbox.as_str()),
         };
         qemu_args_in.check_slots().map_err(HypervisorError::Spec)?;
         let args = qemu_args(&qemu_args_in);
@@ -453,10 +529,17 @@ impl QemuVm {
             .iter()
             .map(|f| f.as_raw_fd())
             .chain(nics.iter().map(|n| n.fd))
+            .chain(nics.iter().filter_map(|n| n.vhostfd))
             .collect();
         let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
         let mut cmd = cmd;
         self.enter_cgroup(&mut cmd)?;
+        let kvm = Path::new("/dev/kvm");
+        let (devices, groups): (Vec<&Path>, Vec<u32>) = match self.accel {
+            Accel::Kvm => (vec![kvm], crate::confine::device_group(kvm).into_iter().collect()),
+            Accel::Tcg => (Vec::new(), Vec::new()),
+        };
+        let mut jail = self.jail(qemu_bin, &[&cfg.vm.kernel, &cfg.vm.initramfs], &devices, &groups)?;
         let qemu = Child::spawn_with("qemu", cmd, &dir.join("qemu.log"), |cmd| {
             use std::os::unix::process::CommandExt;
             // SAFETY: only setns and fcntl between fork and exec, both async-signal-safe;
@@ -476,10 +559,16 @@ impl QemuVm {
                     Ok(())
                 });
             }
+            // Last: the jail drops the privileges the steps above need.
+            if let Some(j) = jail.as_mut() {
+                j.install(cmd);
+            }
             Ok(())
-        })?;
-        // QEMU holds the CID's and the taps' fds now.
+        });
+        let qemu = confined(qemu, jail.as_mut())?;
+        // QEMU holds the CID's, the taps' and vhost-net's fds now.
         drop(vhostfd);
+        drop(vhost_fds);
         drop(taps);
         drop(netns);
         self.write_pids(Some(qemu.pid))?;
@@ -541,6 +630,43 @@ impl QemuVm {
         Ok(())
     }
 
+    /// The jail for a child of this VM (`None` when not confined): it sees `bin` and
+    /// `files` read-only, the VM's socket directory writable, and `devices`.
+    fn jail(
+        &self,
+        bin: &Path,
+        files: &[&Path],
+        devices: &[&Path],
+        groups: &[u32],
+    ) -> Result<Option<crate::confine::Jail>, HypervisorError> {
+        let Some(id) = &self.identity else {
+            return Ok(None);
+        };
+        let mut visible = vec![crate::confine::Visible {
+            path: self.dir.join(VMM_DIR),
+            writable: true,
+        }];
+        for p in std::iter::once(bin).chain(files.iter().copied()) {
+            // Bound at the path the child is given; the bind follows symbolic links.
+            let path = if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                std::fs::canonicalize(p).map_err(HypervisorError::io("resolve", p))?
+            };
+            visible.push(crate::confine::Visible { path, writable: false });
+        }
+        crate::confine::Jail::new(id, &self.dir.join(JAIL_DIR), &visible, devices, groups).map(Some)
+    }
+
+    /// Hands a socket the host made to the confined VM's uid (QEMU and vhost-device-vsock
+    /// connect to it); nothing when not confined.
+    fn give_to_vmm(&self, path: &Path) -> Result<(), HypervisorError> {
+        if let Some(id) = &self.identity {
+            std::os::unix::fs::chown(path, Some(id.uid), Some(id.uid)).map_err(HypervisorError::io("chown", path))?;
+        }
+        Ok(())
+    }
+
     /// Waits until a daemon created its socket (or died, or took too long).
     async fn wait_for_socket(
         &self,
@@ -583,6 +709,19 @@ impl QemuVm {
     /// The last `n` lines of the guest console.
     pub fn console_tail(&self, n: usize) -> String {
         self.console.as_ref().map(|c| c.tail(n)).unwrap_or_default()
+    }
+
+    /// The guest console: (bytes held in the ring, bytes the guest printed in all).
+    pub fn console_bytes(&self) -> (usize, u64) {
+        self.console
+            .as_ref()
+            .map(|c| (c.held(), c.received()))
+            .unwrap_or_default()
+    }
+
+    /// The uid the VMM and vhost-device-vsock run as, when confined.
+    pub fn confined_uid(&self) -> Option<u32> {
+        self.identity.as_ref().map(|i| i.uid)
     }
 }
 

@@ -1,0 +1,517 @@
+//! Confinement of the host processes a guest can reach: QEMU and vhost-device-vsock.
+//!
+//! A guest that escapes into one of them must find an unprivileged process: each VM's run as
+//! a uid and gid of their own ([`Identity`], held by a lock file for the VM's life, so two
+//! VMs never share one and an escaped VMM cannot signal or trace another VM's), with no
+//! capabilities (bounding, permitted, effective, inheritable and ambient sets empty),
+//! `no_new_privs`, in a mount namespace whose root is a small read-only tmpfs holding only
+//! `/usr` (read-only), a few device nodes, the files they are given and their socket
+//! directory ([`Jail`]). QEMU adds its own seccomp filter (`-sandbox`). The design follows
+//! Firecracker's jailer (own uid per microVM, pivot_root, no capabilities), with a bind of
+//! `/usr` instead of a static binary because QEMU links dozens of shared libraries.
+//!
+//! Everything is prepared in the parent; the child, between fork and exec, only makes
+//! system calls on prepared C strings (no allocation, async-signal-safe), and reports the
+//! step that failed through a pipe so the error can name it.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::HypervisorError;
+
+/// A VM's own unprivileged uid and gid (the same number), reserved while this lives.
+#[derive(Debug)]
+pub struct Identity {
+    /// The uid, also used as the gid.
+    pub uid: u32,
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl Identity {
+    /// Reserves a free id of `first..first + count`, starting the search at `seed`: each id
+    /// has a lock file in `lock_dir`, held (flock) as long as the returned value lives.
+    ///
+    /// Errors: the lock directory cannot be made, or every id is taken.
+    pub fn reserve(lock_dir: &Path, first: u32, count: u32, seed: u64) -> Result<Identity, HypervisorError> {
+        std::fs::create_dir_all(lock_dir).map_err(HypervisorError::io("create", lock_dir))?;
+        let count = count.max(1);
+        for i in 0..u64::from(count).min(4096) {
+            let uid = first + ((seed.wrapping_add(i)) % u64::from(count)) as u32;
+            let path = lock_dir.join(uid.to_string());
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(HypervisorError::io("open", &path))?;
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(Identity { uid, _lock: lock }),
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => continue,
+                Err((_, e)) => return Err(HypervisorError::io("lock", &path)(e.into())),
+            }
+        }
+        Err(HypervisorError::Internal(format!(
+            "no free uid for a confined VM in {first}..{} (confinement.first_uid, confinement.uids): every one is in use",
+            u64::from(first) + u64::from(count)
+        )))
+    }
+}
+
+/// What a [`Jail`] makes visible inside its root, at the same path as on the host.
+#[derive(Debug, Clone)]
+pub struct Visible {
+    /// Host path (a file or a directory), bound read-only unless `writable`.
+    pub path: PathBuf,
+    pub writable: bool,
+}
+
+/// The steps the child takes, named in errors (index = the byte it reports).
+const STEPS: &[&str] = &[
+    "unshare the mount namespace",
+    "make the mounts private",
+    "mount the root tmpfs",
+    "create a directory in the root",
+    "create a mount point in the root",
+    "bind a path into the root",
+    "make a bind read-only",
+    "create a symbolic link in the root",
+    "pivot_root into the root",
+    "detach the old root",
+    "make the root read-only",
+    "set the supplementary groups",
+    "set the gid",
+    "drop the capability bounding set",
+    "set the uid",
+    "clear the inheritable capabilities",
+    "set no_new_privs",
+    "clear the ambient capabilities",
+];
+
+/// A prepared confinement for one child process.
+pub struct Jail {
+    uid: u32,
+    groups: Vec<libc::gid_t>,
+    root: CString,
+    dirs: Vec<CString>,
+    files: Vec<CString>,
+    binds: Vec<(CString, CString, libc::c_ulong)>,
+    links: Vec<(CString, CString)>,
+    report: (OwnedFd, Option<OwnedFd>),
+}
+
+fn cstr(p: &Path) -> Result<CString, HypervisorError> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| HypervisorError::Spec(format!("path {} holds a NUL byte", p.display())))
+}
+
+/// Top-level names that merged-/usr systems make symbolic links (`/lib -> usr/lib`).
+const USR_LINKS: &[&str] = &["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
+
+/// Device nodes every jail gets.
+const DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"];
+
+impl Jail {
+    /// Prepares a jail for `identity` whose root is mounted on `root` (an empty directory
+    /// the caller made; nothing appears there on the host) and shows `/usr`, the host's
+    /// `/lib*` links or directories, [`DEVICES`], `devices` (such as `/dev/kvm`) and
+    /// `visible`, each at its host path. `groups` are extra supplementary groups (the
+    /// owner group of a device the process must open).
+    pub fn new(
+        identity: &Identity,
+        root: &Path,
+        visible: &[Visible],
+        devices: &[&Path],
+        groups: &[u32],
+    ) -> Result<Jail, HypervisorError> {
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        let mut files: Vec<PathBuf> = Vec::new();
+        let mut binds: Vec<(PathBuf, PathBuf, libc::c_ulong)> = Vec::new();
+        let mut links = Vec::new();
+        let ro = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+        let mut add = |host: &Path, flags: libc::c_ulong| -> Result<(), HypervisorError> {
+            let meta = std::fs::metadata(host).map_err(HypervisorError::io("confine: look at", host))?;
+            let inside = root.join(host.strip_prefix("/").unwrap_or(host));
+            for anc in inside.ancestors().skip(1) {
+                if anc == root {
+                    break;
+                }
+                if !dirs.iter().any(|d| d == anc) {
+                    dirs.push(anc.to_path_buf());
+                }
+            }
+            if meta.is_dir() {
+                dirs.push(inside.clone());
+            } else {
+                files.push(inside.clone());
+            }
+            binds.push((host.to_path_buf(), inside, flags));
+            Ok(())
+        };
+        add(Path::new("/usr"), ro)?;
+        for name in USR_LINKS {
+            let host = Path::new("/").join(name);
+            match std::fs::read_link(&host) {
+                Ok(target) => links.push((cstr(&target)?, cstr(&root.join(name))?)),
+                Err(_) if host.is_dir() => add(&host, ro)?,
+                Err(_) => {}
+            }
+        }
+        // The dynamic loader's cache: libraries are found without scanning.
+        if Path::new("/etc/ld.so.cache").is_file() {
+            add(Path::new("/etc/ld.so.cache"), ro)?;
+        }
+        for dev in DEVICES.iter().map(Path::new).chain(devices.iter().copied()) {
+            add(dev, libc::MS_NOSUID)?;
+        }
+        for v in visible {
+            let real = std::fs::canonicalize(&v.path).map_err(HypervisorError::io("confine: resolve", &v.path))?;
+            if v.path.starts_with("/usr") && real.starts_with("/usr") && !v.writable {
+                continue; // already there
+            }
+            let flags = if v.writable {
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC
+            } else {
+                ro
+            };
+            add(&v.path, flags)?;
+        }
+        dirs.sort_by_key(|d| d.components().count());
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| HypervisorError::Internal(format!("confine: pipe: {e}")))?;
+        nix::fcntl::fcntl(
+            r.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .map_err(|e| HypervisorError::Internal(format!("confine: pipe: {e}")))?;
+        let mut g: Vec<libc::gid_t> = vec![identity.uid];
+        g.extend(groups.iter().copied().filter(|&x| x != 0));
+        Ok(Jail {
+            uid: identity.uid,
+            groups: g,
+            root: cstr(root)?,
+            dirs: dirs.iter().map(|d| cstr(d)).collect::<Result<_, _>>()?,
+            files: files.iter().map(|d| cstr(d)).collect::<Result<_, _>>()?,
+            binds: binds
+                .iter()
+                .map(|(h, i, f)| Ok((cstr(h)?, cstr(i)?, *f)))
+                .collect::<Result<_, HypervisorError>>()?,
+            links,
+            report: (r, Some(w)),
+        })
+    }
+
+    /// Makes `cmd`'s child enter the jail just before its exec (after the pre-exec steps
+    /// registered before, such as joining a cgroup or a network namespace, which need the
+    /// privileges this drops). Call [`Jail::failure`] if the spawn then fails.
+    pub fn install(&mut self, cmd: &mut Command) {
+        let uid = self.uid;
+        let groups = self.groups.clone();
+        let root = self.root.clone();
+        let dirs = self.dirs.clone();
+        let files = self.files.clone();
+        let binds = self.binds.clone();
+        let links = self.links.clone();
+        let report = self.report.1.as_ref().map(|w| w.as_raw_fd()).unwrap_or(-1);
+        // SAFETY: the closure makes only system calls on data prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fail = |step: u8| -> std::io::Error {
+                    let e = std::io::Error::last_os_error();
+                    libc::write(report, (&step as *const u8).cast(), 1);
+                    e
+                };
+                let ok = |r: libc::c_int| r >= 0;
+                if !ok(libc::unshare(libc::CLONE_NEWNS)) {
+                    return Err(fail(0));
+                }
+                let none = std::ptr::null::<libc::c_char>();
+                let slash = c"/".as_ptr();
+                if !ok(libc::mount(
+                    none,
+                    slash,
+                    none,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                )) {
+                    return Err(fail(1));
+                }
+                let opts = c"size=64k,nr_inodes=256,mode=0755".as_ptr();
+                if !ok(libc::mount(
+                    c"tmpfs".as_ptr(),
+                    root.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    opts.cast(),
+                )) {
+                    return Err(fail(2));
+                }
+                for d in &dirs {
+                    if !ok(libc::mkdir(d.as_ptr(), 0o755)) && *libc::__errno_location() != libc::EEXIST {
+                        return Err(fail(3));
+                    }
+                }
+                for f in &files {
+                    let fd = libc::open(f.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644);
+                    if fd < 0 {
+                        return Err(fail(4));
+                    }
+                    libc::close(fd);
+                }
+                for (host, inside, flags) in &binds {
+                    if !ok(libc::mount(
+                        host.as_ptr(),
+                        inside.as_ptr(),
+                        none,
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    )) {
+                        return Err(fail(5));
+                    }
+                    if !ok(libc::mount(
+                        none,
+                        inside.as_ptr(),
+                        none,
+                        libc::MS_BIND | libc::MS_REMOUNT | flags,
+                        std::ptr::null(),
+                    )) {
+                        return Err(fail(6));
+                    }
+                }
+                for (target, at) in &links {
+                    if !ok(libc::symlink(target.as_ptr(), at.as_ptr())) {
+                        return Err(fail(7));
+                    }
+                }
+                if !ok(libc::chdir(root.as_ptr()))
+                    || !ok(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)
+                {
+                    return Err(fail(8));
+                }
+                if !ok(libc::umount2(c".".as_ptr(), libc::MNT_DETACH)) || !ok(libc::chdir(slash)) {
+                    return Err(fail(9));
+                }
+                if !ok(libc::mount(
+                    none,
+                    slash,
+                    none,
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+                    std::ptr::null(),
+                )) {
+                    return Err(fail(10));
+                }
+                if !ok(libc::setgroups(groups.len(), groups.as_ptr())) {
+                    return Err(fail(11));
+                }
+                if !ok(libc::setresgid(uid, uid, uid)) {
+                    return Err(fail(12));
+                }
+                let mut cap = 0;
+                loop {
+                    if libc::prctl(
+                        libc::PR_CAPBSET_DROP,
+                        cap as libc::c_ulong,
+                        0 as libc::c_ulong,
+                        0 as libc::c_ulong,
+                        0 as libc::c_ulong,
+                    ) < 0
+                    {
+                        if *libc::__errno_location() == libc::EINVAL && cap > 0 {
+                            break; // past the kernel's last capability
+                        }
+                        return Err(fail(13));
+                    }
+                    cap += 1;
+                }
+                // Leaving uid 0 without SECBIT_KEEP_CAPS empties the permitted, effective
+                // and ambient sets.
+                if !ok(libc::setresuid(uid, uid, uid)) {
+                    return Err(fail(14));
+                }
+                #[repr(C)]
+                struct Header {
+                    version: u32,
+                    pid: libc::c_int,
+                }
+                #[repr(C)]
+                struct Data {
+                    effective: u32,
+                    permitted: u32,
+                    inheritable: u32,
+                }
+                let mut header = Header {
+                    version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+                    pid: 0,
+                };
+                let data = [
+                    Data {
+                        effective: 0,
+                        permitted: 0,
+                        inheritable: 0,
+                    },
+                    Data {
+                        effective: 0,
+                        permitted: 0,
+                        inheritable: 0,
+                    },
+                ];
+                if libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) < 0 {
+                    return Err(fail(15));
+                }
+                if libc::prctl(
+                    libc::PR_SET_NO_NEW_PRIVS,
+                    1 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                ) < 0
+                {
+                    return Err(fail(16));
+                }
+                if libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                ) < 0
+                {
+                    return Err(fail(17));
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// After a spawn: closes the child's end of the report pipe and, if the child failed in
+    /// the jail, names the step.
+    pub fn failure(&mut self) -> Option<&'static str> {
+        self.report.1 = None;
+        let mut b = [0u8; 1];
+        match nix::unistd::read(self.report.0.as_raw_fd(), &mut b) {
+            Ok(1) => STEPS.get(usize::from(b[0])).copied(),
+            _ => None,
+        }
+    }
+
+    /// The uid (and gid) the child runs as.
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+}
+
+/// The owner group of `dev` (for `/dev/kvm`, typically `kvm`), if it is not root's.
+pub fn device_group(dev: &Path) -> Option<u32> {
+    std::fs::metadata(dev).ok().map(|m| m.gid()).filter(|&g| g != 0)
+}
+
+/// Fails, naming `key`, when the confined process (`uid`, not its owner) cannot read `path`.
+pub fn check_readable(key: &'static str, path: &Path, uid: u32) -> Result<(), HypervisorError> {
+    let meta = std::fs::metadata(path).map_err(HypervisorError::io(key, path))?;
+    if meta.uid() == uid || meta.mode() & 0o004 != 0 {
+        return Ok(());
+    }
+    Err(HypervisorError::Spec(format!(
+        "{key} {} is not readable by the confined VMM (mode {:o}): make it readable by all (0644), or set confinement.enabled = false",
+        path.display(),
+        meta.mode() & 0o7777
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vmbox-confine-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn identities_are_never_shared_and_come_back_when_dropped() {
+        let d = tmp("ids");
+        let a = Identity::reserve(&d, 5000, 2, 0).unwrap();
+        let b = Identity::reserve(&d, 5000, 2, 0).unwrap();
+        assert_ne!(a.uid, b.uid);
+        let e = Identity::reserve(&d, 5000, 2, 0).unwrap_err().to_string();
+        assert!(e.contains("confinement.first_uid") && e.contains("5000..5002"), "{e}");
+        let freed = a.uid;
+        drop(a);
+        assert_eq!(Identity::reserve(&d, 5000, 2, 0).unwrap().uid, freed);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Needs root (as every VM-level test): the child is really confined.
+    #[test]
+    fn a_jailed_child_has_no_privilege_and_sees_only_what_it_was_given() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let d = tmp("jail");
+        let id = Identity::reserve(&d.join("ids"), 1_950_000_000, 16, 3).unwrap();
+        let given = d.join("given");
+        std::fs::write(&given, "visible\n").unwrap();
+        std::fs::create_dir_all(d.join("root")).unwrap();
+        let visible = [Visible {
+            path: given.clone(),
+            writable: false,
+        }];
+        let mut jail = Jail::new(&id, &d.join("root"), &visible, &[], &[]).unwrap();
+        let mut cmd = Command::new("/bin/sh");
+        let script = format!(
+            "id -u; id -G; ls /; cat {}; echo x > {} || echo ro",
+            given.display(),
+            given.display()
+        );
+        cmd.args(["-c", &script]);
+        jail.install(&mut cmd);
+        let out = cmd.output().unwrap();
+        assert_eq!(jail.failure(), None);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // Capabilities and no_new_privs are read from outside by the e2e test (there is
+        // no /proc inside); here the ids and the root's contents.
+        let listed: Vec<&str> = text.lines().collect();
+        assert_eq!(listed.first().copied(), Some(id.uid.to_string().as_str()), "{text}");
+        assert_eq!(
+            listed.get(1).copied(),
+            Some(id.uid.to_string().as_str()),
+            "one group only: {text}"
+        );
+        assert!(listed.contains(&"usr") && listed.contains(&"dev"), "{text}");
+        for hidden in ["proc", "sys", "home", "root", "var"] {
+            assert!(!listed.contains(&hidden), "/{hidden} visible: {text}");
+        }
+        assert!(text.contains("visible\n"), "{text}");
+        assert!(text.trim_end().ends_with("ro"), "the given file is read-only: {text}");
+        assert!(
+            !d.join("root").join("usr").exists(),
+            "the jail's mounts stay out of the host's view"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_failing_step_is_named() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let d = tmp("fail");
+        let id = Identity::reserve(&d.join("ids"), 1_950_000_100, 16, 0).unwrap();
+        // The root mount point does not exist.
+        let mut jail = Jail::new(&id, &d.join("missing"), &[], &[], &[]).unwrap();
+        let mut cmd = Command::new("/bin/true");
+        jail.install(&mut cmd);
+        assert!(cmd.status().is_err());
+        assert_eq!(jail.failure(), Some("mount the root tmpfs"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
