@@ -8,7 +8,7 @@ AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/guest/vmbox-agent
 export VMBOX_CACHE ?= /var/cache/vmbox
 
-.PHONY: all build guest agent kernel initramfs install deps test unit-test vm-test e2e-test lint bench bench-net bench-vm soak quickstart clean cri-integration
+.PHONY: all build guest agent kernel initramfs install deps test unit-test fuzz vm-test e2e-test lint bench bench-net bench-vm soak quickstart clean cri-integration
 
 all: build guest
 
@@ -50,6 +50,19 @@ deps:
 unit-test:
 	cargo test --workspace --exclude vmbox-tests
 
+# cargo-fuzz targets of the host's parsers of guest bytes and of the OCI spec translation
+# (docs/security.md), each for FUZZ_SECONDS from its committed corpus in fuzz/corpus/;
+# a crash fails. RUSTC_BOOTSTRAP=1: cargo fuzz needs nightly flags and only the stable
+# toolchain can be had here. Longer runs: make fuzz FUZZ_SECONDS=600.
+FUZZ_SECONDS ?= 10
+FUZZ_TARGETS := hello stream_header agent_replies qmp oci_spec
+fuzz:
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  RUSTC_BOOTSTRAP=1 cargo fuzz run $(FUZZ_FLAGS) $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 2>&1 \
+	    | grep -E '^#[0-9]+ +DONE|ERROR|SUMMARY|panicked|Test unit written' ; \
+	  test $${PIPESTATUS[0]} -eq 0 || { echo "fuzz: $$t failed (artifact in fuzz/artifacts/$$t)"; exit 1; }; \
+	done
+
 # VM-level tests: real kernel, QEMU, agent and libcontainer. Slow under TCG.
 vm-test: guest
 	VMBOX_GUEST_DIR=$(abspath $(GUEST_OUT)) cargo test -p vmbox-tests --test vm -- --test-threads=1
@@ -62,7 +75,7 @@ e2e-test: build guest
 	  rc=$$?; VMBOX_CTR_DIR=/run/vmbox-e2e tests/containerd/containerd.sh stop; \
 	  VMBOX_CTR_CRI=1 VMBOX_CTR_DIR=/run/vmbox-cri tests/containerd/containerd.sh stop; exit $$rc
 
-test: deps lint unit-test vm-test e2e-test
+test: deps lint unit-test fuzz vm-test e2e-test
 
 # containerd 1.6.20's own CRI integration tests against vmbox (docs/kubernetes.md has
 # the results); not part of `make test`: its Go build and 30 pods take about 20 minutes.

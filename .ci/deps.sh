@@ -31,6 +31,7 @@ cargo_bin() { # name version
 }
 cargo_bin virtiofsd 1.14.0
 cargo_bin vhost-device-vsock 0.3.0
+cargo_bin cargo-fuzz 0.12.0               # make fuzz (docs/security.md)
 
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 echo "deps: ok"

@@ -91,7 +91,13 @@ const STEPS: &[&str] = &[
     "clear the inheritable capabilities",
     "set no_new_privs",
     "clear the ambient capabilities",
+    "limit the size of the files it writes",
 ];
+
+/// Largest file a confined process may write, in bytes: its log (stdout and stderr) is
+/// all it writes, and a guest must not be able to fill the host's /run through it.
+/// Writes past it fail with EFBIG (SIGXFSZ is ignored), the process goes on.
+pub const MAX_FILE_SIZE: u64 = 1 << 20;
 
 /// A prepared confinement for one child process.
 pub struct Jail {
@@ -373,6 +379,15 @@ impl Jail {
                 {
                     return Err(fail(16));
                 }
+                let limit = libc::rlimit {
+                    rlim_cur: MAX_FILE_SIZE,
+                    rlim_max: MAX_FILE_SIZE,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) < 0
+                    || libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR
+                {
+                    return Err(fail(18));
+                }
                 if libc::prctl(
                     libc::PR_CAP_AMBIENT,
                     libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
@@ -423,6 +438,39 @@ pub fn check_readable(key: &'static str, path: &Path, uid: u32) -> Result<(), Hy
     )))
 }
 
+/// Connects to the unix socket at `path` in a directory a confined process can write: the
+/// last component must be a socket (not a symbolic link a hostile VMM swapped in to point
+/// the host at another socket), owned by `owner` when given (the confined VM's uid: a socket
+/// that process made, never a host service's).
+pub async fn connect_unix(path: &Path, owner: Option<u32>) -> std::io::Result<tokio::net::UnixStream> {
+    use nix::fcntl::OFlag;
+    let raw = nix::fcntl::open(
+        path,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    // SAFETY: open returned a new fd that nothing else owns.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    let st = nix::sys::stat::fstat(fd.as_raw_fd())?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a socket"));
+    }
+    if let Some(uid) = owner {
+        if st.st_uid != uid {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("owned by uid {}, not the VM's {uid}", st.st_uid),
+            ));
+        }
+    }
+    tokio::net::UnixStream::connect(format!("/proc/self/fd/{}", fd.as_raw_fd())).await
+}
+
+/// `chown` that never follows a symbolic link (a confined process may have swapped one in).
+pub fn give(path: &Path, uid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(uid))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -465,6 +513,22 @@ mod tests {
             writable: false,
         }];
         let mut jail = Jail::new(&id, &d.join("root"), &visible, &[], &[]).unwrap();
+        let log = d.join("log");
+        let mut big = Command::new("/bin/sh");
+        big.args(["-c", "head -c 2000000 /dev/zero; echo exit=$? >&2"]);
+        big.stdout(std::fs::File::create(&log).unwrap());
+        let mut jail2 = Jail::new(&id, &d.join("root"), &[], &[], &[]).unwrap();
+        jail2.install(&mut big);
+        let out = big.output().unwrap();
+        assert_eq!(
+            std::fs::metadata(&log).unwrap().len(),
+            MAX_FILE_SIZE,
+            "the log stops at the bound"
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("exit=1"),
+            "head saw EFBIG: {out:?}"
+        );
         let mut cmd = Command::new("/bin/sh");
         let script = format!(
             "id -u; id -G; ls /; cat {}; echo x > {} || echo ro",
@@ -512,6 +576,30 @@ mod tests {
         jail.install(&mut cmd);
         assert!(cmd.status().is_err());
         assert_eq!(jail.failure(), Some("mount the root tmpfs"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn sockets_are_reached_only_directly_and_from_their_owner() {
+        let d = tmp("connect");
+        let real = d.join("real.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&real).unwrap();
+        connect_unix(&real, None).await.expect("a socket connects");
+        connect_unix(&real, Some(0)).await.expect("owned by root");
+        let e = connect_unix(&real, Some(4242)).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+        let link = d.join("link.sock");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        // O_PATH|O_NOFOLLOW opens the link itself, which is no socket.
+        let e = connect_unix(&link, None).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+        let file = d.join("file");
+        std::fs::write(&file, "").unwrap();
+        assert!(connect_unix(&file, None).await.is_err());
+        // give() changes the link, never its target.
+        give(&link, 4242).unwrap();
+        assert_eq!(std::fs::metadata(&real).unwrap().uid(), 0);
+        assert_eq!(std::fs::symlink_metadata(&link).unwrap().uid(), 4242);
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 
 use crate::HypervisorError;
 
@@ -13,25 +12,43 @@ use crate::HypervisorError;
 const MAX_LINE: usize = 1 << 20;
 
 /// Runs `command` (with capabilities negotiation) and returns its `return` value.
-pub async fn execute(socket: &Path, command: &str, timeout: Duration) -> Result<Value, HypervisorError> {
-    execute_inner(socket, command, timeout, false).await
+/// `owner`: the uid the socket must belong to (the confined QEMU's), see
+/// [`crate::confine::connect_unix`].
+pub async fn execute(
+    socket: &Path,
+    owner: Option<u32>,
+    command: &str,
+    timeout: Duration,
+) -> Result<Value, HypervisorError> {
+    execute_inner(socket, owner, command, timeout, false).await
 }
 
 /// Like [`execute`], for a QEMU that is still starting: its monitor socket may not exist
 /// yet, or exist before QEMU listens on it (connections are refused in between). Both
 /// are retried until `timeout`.
-pub async fn execute_when_up(socket: &Path, command: &str, timeout: Duration) -> Result<Value, HypervisorError> {
-    execute_inner(socket, command, timeout, true).await
+pub async fn execute_when_up(
+    socket: &Path,
+    owner: Option<u32>,
+    command: &str,
+    timeout: Duration,
+) -> Result<Value, HypervisorError> {
+    execute_inner(socket, owner, command, timeout, true).await
 }
 
-async fn execute_inner(socket: &Path, command: &str, timeout: Duration, wait: bool) -> Result<Value, HypervisorError> {
+async fn execute_inner(
+    socket: &Path,
+    owner: Option<u32>,
+    command: &str,
+    timeout: Duration,
+    wait: bool,
+) -> Result<Value, HypervisorError> {
     let err = |detail: String| HypervisorError::Qmp {
         command: command.into(),
         detail,
     };
     let fut = async {
         let s = loop {
-            match UnixStream::connect(socket).await {
+            match crate::confine::connect_unix(socket, owner).await {
                 Ok(s) => break s,
                 Err(e)
                     if wait
@@ -138,7 +155,7 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let fd: OwnedFd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
         bind(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
-        assert!(execute(&path, "cont", Duration::from_millis(500)).await.is_err());
+        assert!(execute(&path, None, "cont", Duration::from_millis(500)).await.is_err());
         let server = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
             listen(&fd, Backlog::new(1).unwrap()).unwrap();
@@ -159,7 +176,7 @@ mod tests {
             }
             line
         });
-        let got = execute_when_up(&path, "cont", Duration::from_secs(5)).await;
+        let got = execute_when_up(&path, None, "cont", Duration::from_secs(5)).await;
         assert!(got.is_ok(), "{got:?}");
         assert!(server.await.unwrap().contains("\"cont\""));
         let _ = std::fs::remove_dir_all(&dir);

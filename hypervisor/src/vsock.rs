@@ -25,8 +25,14 @@ pub enum Conn {
 /// How to reach a guest's ports.
 #[derive(Debug, Clone)]
 pub enum Dialer {
-    Hybrid { uds: PathBuf },
-    Kernel { cid: u32 },
+    /// `owner`: the uid `uds` must belong to (the confined vhost-device-vsock's).
+    Hybrid {
+        uds: PathBuf,
+        owner: Option<u32>,
+    },
+    Kernel {
+        cid: u32,
+    },
 }
 
 /// Bound of the hybrid handshake's reply line.
@@ -37,8 +43,8 @@ impl Dialer {
         let err = |detail: String| HypervisorError::Vsock { port, detail };
         let fut = async {
             match self {
-                Dialer::Hybrid { uds } => {
-                    let mut s = UnixStream::connect(uds)
+                Dialer::Hybrid { uds, owner } => {
+                    let mut s = crate::confine::connect_unix(uds, *owner)
                         .await
                         .map_err(|e| err(format!("{}: {e}", uds.display())))?;
                     s.write_all(format!("CONNECT {port}\n").as_bytes())
@@ -56,10 +62,10 @@ impl Dialer {
                         if b == b'\n' {
                             break;
                         }
-                        line.push(b);
-                        if line.len() > MAX_REPLY {
+                        if line.len() >= MAX_REPLY {
                             return Err(err("handshake reply too long".into()));
                         }
+                        line.push(b);
                     }
                     if !line.starts_with(b"OK ") {
                         return Err(err(format!("handshake refused: {:?}", String::from_utf8_lossy(&line))));
@@ -92,7 +98,7 @@ impl HelloListener {
     /// free one (AF_VSOCK ports are host-wide, shared by every VM).
     pub fn bind(dialer: &Dialer, port: Option<u32>) -> Result<HelloListener, HypervisorError> {
         match dialer {
-            Dialer::Hybrid { uds } => {
+            Dialer::Hybrid { uds, .. } => {
                 let port = port.unwrap_or(vmbox_protocol::HELLO_PORT);
                 let path = PathBuf::from(format!("{}_{port}", uds.display()));
                 let l = UnixListener::bind(&path).map_err(HypervisorError::io("listen on", &path))?;

@@ -21,7 +21,9 @@ pub mod agent_ttrpc {
 pub mod forward;
 pub mod hello;
 pub mod id;
+pub mod rate;
 pub mod stream;
+pub mod text;
 
 pub use id::{valid_id, Id, IdError};
 

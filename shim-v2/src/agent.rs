@@ -122,6 +122,28 @@ pub struct TtrpcAgent {
     timeouts: Timeouts,
 }
 
+/// Pids a ListProcesses reply may hold: the guest's `pid_max` (vmbox's guest kernel).
+pub const MAX_PIDS: usize = 32768;
+/// Listening ports of the guest the shim forwards at most (ListListeners).
+pub const MAX_LISTENERS: usize = 1024;
+/// Block devices in a stats reply at most (`io` entries).
+pub const MAX_IO_ENTRIES: usize = 256;
+/// Keys of a stats reply's `memory.stat` map at most (cgroup v2 has about 50).
+pub const MAX_MEMORY_STAT_KEYS: usize = 256;
+
+/// Refuses a stats reply larger than an honest guest sends (the shim copies it into
+/// containerd's metrics).
+pub fn check_stats(s: &pb::StatsContainerResponse) -> Result<(), ShimError> {
+    let keys = s.memory.as_ref().map(|m| m.stat.len()).unwrap_or(0);
+    if s.io.len() > MAX_IO_ENTRIES || keys > MAX_MEMORY_STAT_KEYS {
+        return Err(ShimError::Agent(format!(
+            "StatsContainer reply with {} io entries and {keys} memory.stat keys: at most {MAX_IO_ENTRIES} and {MAX_MEMORY_STAT_KEYS}",
+            s.io.len()
+        )));
+    }
+    Ok(())
+}
+
 fn ctx(d: Duration) -> ttrpc::context::Context {
     ttrpc::context::with_timeout(d.as_nanos() as i64)
 }
@@ -243,14 +265,23 @@ impl GuestAgent for TtrpcAgent {
     async fn pids(&self, container: &Id) -> Result<Vec<u32>, ShimError> {
         let req = Self::container_req(container);
         let r = timing::guest(self.client.list_processes(self.quick(), &req)).await;
-        Ok(r.map_err(ShimError::agent)?.pids)
+        let pids = r.map_err(ShimError::agent)?.pids;
+        if pids.len() > MAX_PIDS {
+            return Err(ShimError::Agent(format!(
+                "ListProcesses reply of {} pids: more than the guest's pid_max ({MAX_PIDS})",
+                pids.len()
+            )));
+        }
+        Ok(pids)
     }
 
     async fn stats(&self, container: &Id) -> Result<pb::StatsContainerResponse, ShimError> {
         let req = Self::container_req(container);
-        timing::guest(self.client.stats_container(self.quick(), &req))
+        let stats = timing::guest(self.client.stats_container(self.quick(), &req))
             .await
-            .map_err(ShimError::agent)
+            .map_err(ShimError::agent)?;
+        check_stats(&stats)?;
+        Ok(stats)
     }
 
     async fn pause(&self, container: &Id) -> Result<(), ShimError> {
@@ -269,7 +300,10 @@ impl GuestAgent for TtrpcAgent {
         let req = vmbox_network::proto::encode(net);
         let r = timing::guest(self.client.setup_network(self.slow(), &req)).await;
         let view = r.map_err(ShimError::agent)?;
-        vmbox_network::proto::decode(&view).map_err(|e| ShimError::Agent(format!("SetupNetwork reply: {e}")))
+        vmbox_network::proto::decode(&view).map_err(|e| {
+            let e = vmbox_protocol::text::bounded(&e.to_string(), vmbox_protocol::text::MAX_GUEST_TEXT);
+            ShimError::Agent(format!("SetupNetwork reply: {e}"))
+        })
     }
 
     async fn listeners(&self) -> Result<Vec<u16>, ShimError> {
@@ -278,7 +312,7 @@ impl GuestAgent for TtrpcAgent {
         // The guest's list: bounded, and only real ports.
         Ok(ports
             .into_iter()
-            .take(1024)
+            .take(MAX_LISTENERS)
             .filter_map(|p| u16::try_from(p).ok())
             .filter(|p| *p != 0)
             .collect())
@@ -310,6 +344,13 @@ impl GuestAgent for TtrpcAgent {
             .get_oom_event(ttrpc::context::Context::default(), &pb::Empty::new())
             .await
             .map_err(ShimError::agent)?;
+        if ev.container_id.len() > vmbox_protocol::id::MAX_ID_LEN {
+            return Err(ShimError::Agent(format!(
+                "OomEvent container id of {} bytes: ids have at most {}",
+                ev.container_id.len(),
+                vmbox_protocol::id::MAX_ID_LEN
+            )));
+        }
         Ok(ev.container_id)
     }
 
@@ -326,5 +367,28 @@ impl GuestAgent for TtrpcAgent {
                 after: total,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stats_reply_larger_than_an_honest_guest_sends_is_refused() {
+        let mut s = pb::StatsContainerResponse::new();
+        assert!(check_stats(&s).is_ok());
+        s.io = vec![pb::IoEntry::new(); MAX_IO_ENTRIES];
+        assert!(check_stats(&s).is_ok());
+        s.io.push(pb::IoEntry::new());
+        let e = check_stats(&s).unwrap_err().to_string();
+        assert!(e.contains("io entries"), "{e}");
+        s.io.clear();
+        let mut m = pb::MemoryStats::new();
+        for i in 0..=MAX_MEMORY_STAT_KEYS {
+            m.stat.insert(format!("k{i}"), 1);
+        }
+        s.memory = Some(m).into();
+        assert!(check_stats(&s).is_err());
     }
 }

@@ -63,16 +63,21 @@ impl ShimError {
     pub fn agent(e: ttrpc::Error) -> ShimError {
         match e {
             ttrpc::Error::RpcStatus(s) => {
-                let msg = format!("guest agent: {}", s.message);
+                // The guest wrote it: bounded and escaped before it reaches logs or containerd.
+                let text = vmbox_protocol::text::bounded(&s.message, vmbox_protocol::text::MAX_GUEST_TEXT);
+                let msg = format!("guest agent: {text}");
                 match s.code() {
                     ttrpc::Code::NOT_FOUND => ShimError::NotFound(msg),
                     ttrpc::Code::INVALID_ARGUMENT => ShimError::Invalid(msg),
                     ttrpc::Code::FAILED_PRECONDITION => ShimError::FailedPrecondition(msg),
                     ttrpc::Code::ALREADY_EXISTS => ShimError::AlreadyExists(msg),
-                    _ => ShimError::Agent(s.message),
+                    _ => ShimError::Agent(text),
                 }
             }
-            other => ShimError::Agent(other.to_string()),
+            other => ShimError::Agent(vmbox_protocol::text::bounded(
+                &other.to_string(),
+                vmbox_protocol::text::MAX_GUEST_TEXT,
+            )),
         }
     }
 }
@@ -133,6 +138,26 @@ mod tests {
         match ttrpc::Error::from(ShimError::agent(unknown)) {
             ttrpc::Error::RpcStatus(s) => assert_eq!(s.code(), ttrpc::Code::INTERNAL),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_guest_error_message_reaches_containerd_bounded_and_escaped() {
+        let huge = format!("line one\nforged log line\x1b[2J{}", "x".repeat(1 << 20));
+        for code in [ttrpc::Code::NOT_FOUND, ttrpc::Code::INTERNAL] {
+            let from_agent = ttrpc::Error::RpcStatus(ttrpc::get_status(code, huge.clone()));
+            match ttrpc::Error::from(ShimError::agent(from_agent)) {
+                ttrpc::Error::RpcStatus(s) => {
+                    assert!(s.message.len() < 4096 + 64, "{} bytes", s.message.len());
+                    assert!(
+                        !s.message.contains('\n') && !s.message.contains('\x1b'),
+                        "{:.80}",
+                        s.message
+                    );
+                    assert!(s.message.contains("line one\\nforged"), "{:.80}", s.message);
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 }

@@ -34,6 +34,10 @@ pub fn test_config(name: &str) -> Config {
     if let Ok(level) = std::env::var("VMBOX_TEST_LOG") {
         c.log_level = level;
     }
+    // `off` measures the unconfined VMM (make bench-vm, docs/benchmarks.md).
+    if std::env::var("VMBOX_TEST_CONFINEMENT").as_deref() == Ok("off") {
+        c.confinement.enabled = false;
+    }
     c
 }
 

@@ -24,40 +24,7 @@ pub const MAX_LOG_LINE: usize = 1024;
 /// this rate); the rest are counted and reported as suppressed.
 pub const LOG_LINES_PER_SEC: u32 = 50;
 
-/// A token bucket for log lines: `allow` says whether a line may go to the log now, and
-/// how many were suppressed since the last one that did.
-#[derive(Debug)]
-pub struct LineLimiter {
-    per_sec: u32,
-    tokens: f64,
-    last: std::time::Instant,
-    suppressed: u64,
-}
-
-impl LineLimiter {
-    pub fn new(per_sec: u32) -> LineLimiter {
-        LineLimiter {
-            per_sec,
-            tokens: f64::from(per_sec),
-            last: std::time::Instant::now(),
-            suppressed: 0,
-        }
-    }
-
-    /// At `now`: `Some(suppressed before this one)` if the line may be logged, else `None`.
-    pub fn allow(&mut self, now: std::time::Instant) -> Option<u64> {
-        let rate = f64::from(self.per_sec);
-        self.tokens = (self.tokens + now.saturating_duration_since(self.last).as_secs_f64() * rate).min(rate);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            None
-        }
-    }
-}
+pub use vmbox_protocol::rate::RateLimiter as LineLimiter;
 
 /// A bounded byte ring: pushing past its capacity drops the oldest bytes.
 #[derive(Debug, Default)]
@@ -93,6 +60,13 @@ impl Ring {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
+}
+
+/// A console line as the log shows it: lossy UTF-8, control characters escaped (the guest
+/// cannot forge log lines), at most [`MAX_LOG_LINE`] bytes.
+fn printable(line: &[u8]) -> String {
+    let text = String::from_utf8_lossy(line);
+    vmbox_protocol::text::bounded(text.trim_end(), MAX_LOG_LINE)
 }
 
 /// The host end of a VM's console.
@@ -137,13 +111,10 @@ impl Console {
                             for &b in &buf[..n] {
                                 if b == b'\n' {
                                     match limiter.allow(std::time::Instant::now()) {
-                                        Some(0) => log::trace!(
-                                            "vm {name} console: {}",
-                                            String::from_utf8_lossy(&line).trim_end()
-                                        ),
+                                        Some(0) => log::trace!("vm {name} console: {}", printable(&line)),
                                         Some(k) => log::trace!(
                                             "vm {name} console ({k} lines suppressed before): {}",
-                                            String::from_utf8_lossy(&line).trim_end()
+                                            printable(&line)
                                         ),
                                         None => {}
                                     }

@@ -114,6 +114,27 @@ fn open_vhost_net() -> Option<OwnedFd> {
         .map(OwnedFd::from)
 }
 
+/// Bytes of a daemon's log shown in an error.
+const LOG_TAIL: u64 = 4096;
+
+/// The last [`LOG_TAIL`] bytes of a log a (possibly guest-controlled) process wrote, as
+/// printable text: read from the end, never whole.
+fn log_tail(path: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL)));
+    let mut buf = Vec::new();
+    let _ = f.take(LOG_TAIL).read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    text.lines()
+        .map(|l| vmbox_protocol::text::bounded(l, LOG_TAIL as usize))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// A spawn's result, with the jail step that failed named.
 fn confined(
     child: Result<Child, HypervisorError>,
@@ -264,7 +285,8 @@ impl QemuVm {
             (Some(fd), Dialer::Kernel { cid })
         } else {
             let uds = vmm_dir.join("vsock");
-            (None, Dialer::Hybrid { uds })
+            let owner = identity.as_ref().map(|i| i.uid);
+            (None, Dialer::Hybrid { uds, owner })
         };
         let mut vm = QemuVm {
             name: spec.name.clone(),
@@ -413,7 +435,7 @@ impl QemuVm {
         }
         let vsock_sock = vmm_dir.join("vhost.sock");
         let hello_port = match &self.dialer {
-            Dialer::Hybrid { uds } => {
+            Dialer::Hybrid { uds, .. } => {
                 let bin = resolve("vhost-device-vsock", &cfg.binaries.vhost_device_vsock, VSOCK_HINT)?;
                 let mut cmd = Command::new(&bin);
                 cmd.arg("--vm").arg(format!(
@@ -572,14 +594,14 @@ impl QemuVm {
         drop(taps);
         drop(netns);
         self.write_pids(Some(qemu.pid))?;
+        let vmm_uid = self.vmm_uid();
         let qemu = &*self.qemu.insert(qemu);
         let timeout = Duration::from_millis(cfg.timeouts.boot_ms);
         let deadline = tokio::time::Instant::now() + timeout;
         let console = self.console.as_ref();
         let console_tail = || console.map(|c| c.tail(20)).unwrap_or_default();
         let failed = |status: Option<VmExit>| {
-            let mut log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
-            log.truncate(4096);
+            let log = log_tail(&dir.join("qemu.log"));
             HypervisorError::BootFailed {
                 status: format!(
                     "qemu {}; qemu.log: {}",
@@ -589,7 +611,7 @@ impl QemuVm {
                 console: console_tail(),
             }
         };
-        let release = qmp::execute_when_up(&qmp_sock, "cont", timeout);
+        let release = qmp::execute_when_up(&qmp_sock, vmm_uid, "cont", timeout);
         tokio::select! {
             r = tokio::time::timeout_at(deadline, release) => match r {
                 Ok(r) => r?,
@@ -658,11 +680,21 @@ impl QemuVm {
         crate::confine::Jail::new(id, &self.dir.join(JAIL_DIR), &visible, devices, groups).map(Some)
     }
 
+    /// QEMU's monitor socket.
+    fn qmp_socket(&self) -> PathBuf {
+        self.dir.join(VMM_DIR).join("qmp.sock")
+    }
+
+    /// The confined VM's uid, which owns the sockets QEMU and vhost-device-vsock make.
+    fn vmm_uid(&self) -> Option<u32> {
+        self.identity.as_ref().map(|i| i.uid)
+    }
+
     /// Hands a socket the host made to the confined VM's uid (QEMU and vhost-device-vsock
     /// connect to it); nothing when not confined.
     fn give_to_vmm(&self, path: &Path) -> Result<(), HypervisorError> {
         if let Some(id) = &self.identity {
-            std::os::unix::fs::chown(path, Some(id.uid), Some(id.uid)).map_err(HypervisorError::io("chown", path))?;
+            crate::confine::give(path, id.uid).map_err(HypervisorError::io("chown", path))?;
         }
         Ok(())
     }
@@ -679,11 +711,10 @@ impl QemuVm {
         let daemon = self.daemons.get(daemon);
         while !sock.exists() {
             if let Some(status) = daemon.and_then(|d| d.exited()) {
-                let log = std::fs::read_to_string(log).unwrap_or_default();
                 return Err(HypervisorError::EarlyExit {
                     name,
                     status,
-                    log: log.chars().take(4096).collect(),
+                    log: log_tail(log),
                 });
             }
             if Instant::now() > deadline {
@@ -748,13 +779,13 @@ impl Vm for QemuVm {
     }
 
     async fn pause(&self) -> Result<(), HypervisorError> {
-        qmp::execute(&self.dir.join("qmp.sock"), "stop", QMP_TIMEOUT)
+        qmp::execute(&self.qmp_socket(), self.vmm_uid(), "stop", QMP_TIMEOUT)
             .await
             .map(|_| ())
     }
 
     async fn resume(&self) -> Result<(), HypervisorError> {
-        qmp::execute(&self.dir.join("qmp.sock"), "cont", QMP_TIMEOUT)
+        qmp::execute(&self.qmp_socket(), self.vmm_uid(), "cont", QMP_TIMEOUT)
             .await
             .map(|_| ())
     }
@@ -805,7 +836,7 @@ impl Vm for QemuVm {
         }
         if let Some(q) = &self.qemu {
             if q.exited().is_none() {
-                if let Err(e) = qmp::execute(&self.dir.join("qmp.sock"), "quit", Duration::from_secs(1)).await {
+                if let Err(e) = qmp::execute(&self.qmp_socket(), self.vmm_uid(), "quit", Duration::from_secs(1)).await {
                     log::debug!("vm {}: {e}", self.name);
                 }
                 if q.wait(Duration::from_secs(2)).await.is_none() {
@@ -909,6 +940,26 @@ mod tests {
             cgroup: None,
             network: None,
         }
+    }
+
+    #[test]
+    fn a_log_is_shown_by_its_tail_whatever_its_size_and_bytes() {
+        let p = std::env::temp_dir().join(format!("vmbox-logtail-{}", std::process::id()));
+        let mut text = "é".repeat(3000).into_bytes(); // byte 4096 inside a character
+        text.extend(b"\x1b[2Jforged\n");
+        text.extend(std::iter::repeat_n(b'x', 10 << 20));
+        text.extend(b"\nthe end\n");
+        std::fs::write(&p, &text).unwrap();
+        let tail = log_tail(&p);
+        assert!(tail.len() <= 2 * LOG_TAIL as usize, "{}", tail.len());
+        assert!(tail.ends_with("the end"), "{}", &tail[tail.len() - 20..]);
+        // Byte 4096 from the end falls inside a character; a control sequence follows.
+        let mut short = "é".repeat(2500).into_bytes();
+        short.extend(b"\n\x1b[2Jforged\n");
+        std::fs::write(&p, &short).unwrap();
+        let tail = log_tail(&p);
+        assert!(tail.contains("\\u{1b}[2Jforged") && !tail.contains('\x1b'), "{tail}");
+        std::fs::remove_file(&p).unwrap();
     }
 
     #[test]

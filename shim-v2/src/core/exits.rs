@@ -5,6 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+/// OOM reports of the guest passed on per second at most (a burst of as many).
+pub(crate) const OOM_EVENTS_PER_SEC: u32 = 20;
+
 use vmbox_protocol::Id;
 
 use super::process::{now, timestamp, ExitInfo, Status};
@@ -137,8 +140,19 @@ impl Core {
     pub(super) fn watch_oom(&self, sandbox: Arc<Sandbox>) {
         let me = self.me.clone();
         tokio::spawn(async move {
+            // The guest decides how often it reports: at most OOM_EVENTS_PER_SEC reach
+            // containerd (and the log), the rest are dropped and counted.
+            let mut limit = vmbox_protocol::rate::RateLimiter::new(OOM_EVENTS_PER_SEC);
             loop {
                 let Ok(id) = sandbox.agent.next_oom().await else { return };
+                let Some(suppressed) = limit.allow(std::time::Instant::now()) else {
+                    continue;
+                };
+                if suppressed > 0 {
+                    log::warn!(
+                        "{suppressed} OOM reports of the guest dropped: more than {OOM_EVENTS_PER_SEC} a second"
+                    );
+                }
                 let Some(core) = me.upgrade() else { return };
                 let known = {
                     let st = core.lock();
@@ -146,8 +160,8 @@ impl Core {
                 };
                 if !known {
                     log::warn!(
-                        "guest reported an OOM kill in unknown container {:?}; ignored",
-                        id.chars().take(128).collect::<String>()
+                        "guest reported an OOM kill in unknown container {}; ignored",
+                        vmbox_protocol::text::bounded(&id, 128)
                     );
                     continue;
                 }
