@@ -91,13 +91,7 @@ const STEPS: &[&str] = &[
     "clear the inheritable capabilities",
     "set no_new_privs",
     "clear the ambient capabilities",
-    "limit the size of the files it writes",
 ];
-
-/// Largest file a confined process may write, in bytes: its log (stdout and stderr) is
-/// all it writes, and a guest must not be able to fill the host's /run through it.
-/// Writes past it fail with EFBIG (SIGXFSZ is ignored), the process goes on.
-pub const MAX_FILE_SIZE: u64 = 1 << 20;
 
 /// A prepared confinement for one child process.
 pub struct Jail {
@@ -379,15 +373,6 @@ impl Jail {
                 {
                     return Err(fail(16));
                 }
-                let limit = libc::rlimit {
-                    rlim_cur: MAX_FILE_SIZE,
-                    rlim_max: MAX_FILE_SIZE,
-                };
-                if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) < 0
-                    || libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR
-                {
-                    return Err(fail(18));
-                }
                 if libc::prctl(
                     libc::PR_CAP_AMBIENT,
                     libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
@@ -513,22 +498,6 @@ mod tests {
             writable: false,
         }];
         let mut jail = Jail::new(&id, &d.join("root"), &visible, &[], &[]).unwrap();
-        let log = d.join("log");
-        let mut big = Command::new("/bin/sh");
-        big.args(["-c", "head -c 2000000 /dev/zero; echo exit=$? >&2"]);
-        big.stdout(std::fs::File::create(&log).unwrap());
-        let mut jail2 = Jail::new(&id, &d.join("root"), &[], &[], &[]).unwrap();
-        jail2.install(&mut big);
-        let out = big.output().unwrap();
-        assert_eq!(
-            std::fs::metadata(&log).unwrap().len(),
-            MAX_FILE_SIZE,
-            "the log stops at the bound"
-        );
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("exit=1"),
-            "head saw EFBIG: {out:?}"
-        );
         let mut cmd = Command::new("/bin/sh");
         let script = format!(
             "id -u; id -G; ls /; cat {}; echo x > {} || echo ro",

@@ -47,6 +47,36 @@ impl From<std::process::ExitStatus> for ProcessExit {
     }
 }
 
+/// Bytes of a host child's output kept in its log file; the rest is read and dropped.
+pub const MAX_LOG: u64 = 1 << 20;
+
+/// Copies `from` into `to` until EOF, keeping at most `max` bytes and noting the rest.
+fn copy_bounded(mut from: impl std::io::Read, mut to: std::fs::File, max: u64) {
+    use std::io::Write;
+    let mut kept = to.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut dropped = 0u64;
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let room = max.saturating_sub(kept).min(n as u64) as usize;
+        if room > 0 && to.write_all(&buf[..room]).is_ok() {
+            kept += room as u64;
+        }
+        dropped += (n - room) as u64;
+    }
+    if dropped > 0 {
+        let _ = writeln!(
+            to,
+            "\n[vmbox: {dropped} more bytes of output dropped: the log holds at most {max}]"
+        );
+    }
+}
+
 pub struct Child {
     pub name: &'static str,
     pub pid: u32,
@@ -67,14 +97,24 @@ impl Child {
         prepare: impl FnOnce(&mut Command) -> std::io::Result<()>,
     ) -> Result<Child, HypervisorError> {
         prepare(&mut cmd).map_err(|source| HypervisorError::Spawn { name, source })?;
-        let out = std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .map_err(HypervisorError::io("open log", log))?;
-        let err = out.try_clone().map_err(HypervisorError::io("open log", log))?;
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        let mut child = cmd.spawn().map_err(|source| HypervisorError::Spawn { name, source })?;
+        // The child writes into a pipe; a thread copies at most MAX_LOG bytes of it into
+        // the log and drops the rest (a guest that makes QEMU print must not fill /run).
+        let (r, w) = std::io::pipe().map_err(HypervisorError::io("create a pipe for", log))?;
+        let w2 = w.try_clone().map_err(HypervisorError::io("create a pipe for", log))?;
+        cmd.stdin(Stdio::null()).stdout(w).stderr(w2);
+        let spawned = cmd.spawn();
+        // The parent's write ends go with `cmd`'s, so the copy sees EOF when the child ends.
+        drop(cmd);
+        let mut child = spawned.map_err(|source| HypervisorError::Spawn { name, source })?;
+        std::thread::Builder::new()
+            .name(format!("log-{name}"))
+            .spawn(move || copy_bounded(r, file, MAX_LOG))
+            .map_err(|source| HypervisorError::Spawn { name, source })?;
         let pid = child.id();
         let (tx, rx) = watch::channel(None);
         std::thread::Builder::new()
@@ -148,5 +188,36 @@ impl Drop for Child {
         if self.exited().is_none() {
             let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_that_prints_for_ever_fills_its_log_only_to_the_bound() {
+        let dir = std::env::temp_dir().join(format!("vmbox-childlog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("x.log");
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", "head -c 3000000 /dev/zero; echo done >&2"]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let c = Child::spawn("flood", cmd, &log).unwrap();
+            assert_eq!(c.wait(Duration::from_secs(30)).await, Some(ProcessExit::Exited(0)));
+        });
+        // The copy thread ends at EOF, right after the child.
+        let t = std::time::Instant::now();
+        while !std::fs::read(&log).unwrap().ends_with(b"]\n") {
+            assert!(t.elapsed() < Duration::from_secs(10), "the log was never finished");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let len = std::fs::metadata(&log).unwrap().len();
+        assert!((MAX_LOG..MAX_LOG + 200).contains(&len), "{len}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
