@@ -435,11 +435,17 @@ fn exec_t_works_with_kubernetes_ids_a_76_character_namespace_and_a_long_state_di
 
     c.assert_exec_t_sees_its_terminal(&ns, &id, &exec_id);
     let paths = vmbox_config::SandboxPaths::new(&state_dir, &ns, &id);
-    let sockets: Vec<String> = std::fs::read_dir(&paths.run_dir)
-        .expect("the VM's run directory")
+    // The VMM's sockets are in `vmm/` below the run directory.
+    let sockets: Vec<String> = [paths.run_dir.clone(), paths.run_dir.join("vmm")]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).expect("the VM's run directory"))
         .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_type()
+                .map(|t| std::os::unix::fs::FileTypeExt::is_socket(&t))
+                .unwrap_or(false)
+        })
         .map(|e| e.path().display().to_string())
-        .filter(|p| p.contains(".sock"))
         .collect();
     assert!(sockets.len() >= 3, "{sockets:?}");
     for s in &sockets {
