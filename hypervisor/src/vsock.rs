@@ -182,3 +182,37 @@ impl AsyncWrite for Conn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hostile vhost-device-vsock (or one it impersonates) answering the handshake with
+    /// an endless line: the host stops after MAX_REPLY bytes.
+    #[tokio::test]
+    async fn a_handshake_reply_is_bounded() {
+        let dir = std::env::temp_dir().join(format!("vmbox-vsock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let uds = dir.join("vsock");
+        let l = UnixListener::bind(&uds).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let _ = s.write_all(&[b'x'; 4096]).await;
+                    let mut sink = [0u8; 64];
+                    let _ = tokio::io::AsyncReadExt::read(&mut s, &mut sink).await;
+                });
+            }
+        });
+        let d = Dialer::Hybrid {
+            uds: uds.clone(),
+            owner: None,
+        };
+        match d.connect(1025, Duration::from_secs(5)).await {
+            Err(HypervisorError::Vsock { detail, .. }) => assert!(detail.contains("too long"), "{detail}"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("an endless reply was accepted"),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

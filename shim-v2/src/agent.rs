@@ -131,6 +131,28 @@ pub const MAX_IO_ENTRIES: usize = 256;
 /// Keys of a stats reply's `memory.stat` map at most (cgroup v2 has about 50).
 pub const MAX_MEMORY_STAT_KEYS: usize = 256;
 
+/// A ListProcesses reply's pids, refused beyond [`MAX_PIDS`].
+pub fn check_pids(pids: Vec<u32>) -> Result<Vec<u32>, ShimError> {
+    if pids.len() > MAX_PIDS {
+        return Err(ShimError::Agent(format!(
+            "ListProcesses reply of {} pids: more than the guest's pid_max ({MAX_PIDS})",
+            pids.len()
+        )));
+    }
+    Ok(pids)
+}
+
+/// The guest's listening ports as the shim forwards them: the first [`MAX_LISTENERS`], real
+/// TCP ports only (1-65535).
+pub fn listening_ports(ports: Vec<u32>) -> Vec<u16> {
+    ports
+        .into_iter()
+        .take(MAX_LISTENERS)
+        .filter_map(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0)
+        .collect()
+}
+
 /// Refuses a stats reply larger than an honest guest sends (the shim copies it into
 /// containerd's metrics).
 pub fn check_stats(s: &pb::StatsContainerResponse) -> Result<(), ShimError> {
@@ -265,14 +287,7 @@ impl GuestAgent for TtrpcAgent {
     async fn pids(&self, container: &Id) -> Result<Vec<u32>, ShimError> {
         let req = Self::container_req(container);
         let r = timing::guest(self.client.list_processes(self.quick(), &req)).await;
-        let pids = r.map_err(ShimError::agent)?.pids;
-        if pids.len() > MAX_PIDS {
-            return Err(ShimError::Agent(format!(
-                "ListProcesses reply of {} pids: more than the guest's pid_max ({MAX_PIDS})",
-                pids.len()
-            )));
-        }
-        Ok(pids)
+        check_pids(r.map_err(ShimError::agent)?.pids)
     }
 
     async fn stats(&self, container: &Id) -> Result<pb::StatsContainerResponse, ShimError> {
@@ -308,14 +323,7 @@ impl GuestAgent for TtrpcAgent {
 
     async fn listeners(&self) -> Result<Vec<u16>, ShimError> {
         let r = timing::guest(self.client.list_listeners(self.quick(), &pb::Empty::new())).await;
-        let ports = r.map_err(ShimError::agent)?.ports;
-        // The guest's list: bounded, and only real ports.
-        Ok(ports
-            .into_iter()
-            .take(MAX_LISTENERS)
-            .filter_map(|p| u16::try_from(p).ok())
-            .filter(|p| *p != 0)
-            .collect())
+        Ok(listening_ports(r.map_err(ShimError::agent)?.ports))
     }
 
     async fn update(&self, container: &Id, resources: Vec<u8>) -> Result<(), ShimError> {
@@ -373,6 +381,16 @@ impl GuestAgent for TtrpcAgent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pid_and_port_lists_from_the_guest_are_bounded() {
+        assert_eq!(check_pids(vec![1, 2]).unwrap(), [1, 2]);
+        assert!(check_pids(vec![7; MAX_PIDS]).is_ok());
+        let e = check_pids(vec![7; MAX_PIDS + 1]).unwrap_err().to_string();
+        assert!(e.contains("pid_max"), "{e}");
+        assert_eq!(listening_ports(vec![0, 80, 70000, 443]), [80, 443]);
+        assert_eq!(listening_ports((1..=5000).collect()).len(), MAX_LISTENERS);
+    }
 
     #[test]
     fn a_stats_reply_larger_than_an_honest_guest_sends_is_refused() {

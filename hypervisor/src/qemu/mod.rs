@@ -257,15 +257,12 @@ impl QemuVm {
         let vmm_dir = dir.join(VMM_DIR);
         std::fs::create_dir_all(&vmm_dir).map_err(HypervisorError::io("create", &vmm_dir))?;
         let identity = if cfg.confinement.enabled {
-            let seed = dir
-                .file_name()
-                .and_then(|n| u64::from_str_radix(&n.to_string_lossy(), 16).ok())
-                .unwrap_or_default();
+            // The lowest free uid: the lock files number at most the VMs that ran at once.
             let id = crate::confine::Identity::reserve(
                 &cfg.state_dir.join("uids"),
                 cfg.confinement.first_uid,
                 cfg.confinement.uids,
-                seed,
+                0,
             )?;
             crate::confine::check_readable("vm.kernel", &cfg.vm.kernel, id.uid)?;
             crate::confine::check_readable("vm.initramfs", &cfg.vm.initramfs, id.uid)?;
