@@ -61,7 +61,7 @@ FUZZ_TARGETS := hello stream_header agent_replies qmp oci_spec
 fuzz:
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
 	  RUSTC_BOOTSTRAP=1 cargo fuzz run $(FUZZ_FLAGS) $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 2>&1 \
-	    | grep -E '^#[0-9]+ +DONE|ERROR|SUMMARY|panicked|Test unit written' ; \
+	    | grep -E '^#[0-9]+[[:space:]]+DONE|ERROR|SUMMARY|panicked|Test unit written' ; \
 	  test $${PIPESTATUS[0]} -eq 0 || { echo "fuzz: $$t failed (artifact in fuzz/artifacts/$$t)"; exit 1; }; \
 	done
 
