@@ -35,14 +35,20 @@ pub struct Identity {
 
 impl Identity {
     /// Reserves a free id of `first..first + count`, starting the search at `seed`: each id
-    /// has a lock file in `lock_dir`, held (flock) as long as the returned value lives.
+    /// has a lock file in `lock_dir` ([`UID_LOCK_DIR`] for VMs: one for the host, whatever
+    /// the config's `state_dir`), held (flock) as long as the returned value lives. An id
+    /// some process still runs as (a leftover of an earlier VM) is skipped.
     ///
     /// Errors: the lock directory cannot be made, or every id is taken.
     pub fn reserve(lock_dir: &Path, first: u32, count: u32, seed: u64) -> Result<Identity, HypervisorError> {
         std::fs::create_dir_all(lock_dir).map_err(HypervisorError::io("create", lock_dir))?;
         let count = count.max(1);
+        let busy = uids_in_use();
         for i in 0..u64::from(count) {
             let uid = first + ((seed.wrapping_add(i)) % u64::from(count)) as u32;
+            if busy.contains(&uid) {
+                continue;
+            }
             let path = lock_dir.join(uid.to_string());
             let file = std::fs::OpenOptions::new()
                 .create(true)
@@ -63,6 +69,53 @@ impl Identity {
     }
 }
 
+/// Where VMs' uid lock files live: one directory for the host, so sandboxes of different
+/// configs (RuntimeClasses with their own `state_dir`) never take the same uid.
+pub const UID_LOCK_DIR: &str = "/run/vmbox-uids";
+
+/// The effective uids of the host's processes (the owners of `/proc/<pid>`).
+fn uids_in_use() -> std::collections::HashSet<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter_map(|e| e.metadata().ok().map(|m| m.uid()))
+        .collect()
+}
+
+/// Kills every process running as `uid` (a confined VM's: whatever a hostile VMM may have
+/// forked, under any name), from a short-lived child that takes that uid and signals all
+/// it may (`kill(-1)`, which spares the caller). Blocking; returns once the child ended.
+pub fn kill_all_of(uid: u32) -> std::io::Result<()> {
+    if uid == 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "never uid 0"));
+    }
+    let mut cmd = Command::new("/bin/true");
+    // SAFETY: setgroups, setresgid, setresuid and kill are async-signal-safe system calls.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(0, std::ptr::null()) < 0
+                || libc::setresgid(uid, uid, uid) < 0
+                || libc::setresuid(uid, uid, uid) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::kill(-1, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let status = cmd.status()?;
+    if !status.success() {
+        return Err(std::io::Error::other(format!("kill helper: {status}")));
+    }
+    Ok(())
+}
+
 /// What a [`Jail`] makes visible inside its root, at the same path as on the host.
 #[derive(Debug, Clone)]
 pub struct Visible {
@@ -73,7 +126,7 @@ pub struct Visible {
 
 /// The steps the child takes, named in errors (index = the byte it reports).
 const STEPS: &[&str] = &[
-    "unshare the mount namespace",
+    "unshare the mount, IPC, UTS (and network) namespaces",
     "make the mounts private",
     "mount the root tmpfs",
     "create a directory in the root",
@@ -96,6 +149,8 @@ const STEPS: &[&str] = &[
 /// A prepared confinement for one child process.
 pub struct Jail {
     uid: u32,
+    /// unshare flags: mount, IPC, UTS and, for a process that needs none, network.
+    unshare: libc::c_int,
     groups: Vec<libc::gid_t>,
     root: CString,
     dirs: Vec<CString>,
@@ -122,12 +177,17 @@ impl Jail {
     /// `/lib*` links or directories, [`DEVICES`], `devices` (such as `/dev/kvm`) and
     /// `visible`, each at its host path. `groups` are extra supplementary groups (the
     /// owner group of a device the process must open).
+    ///
+    /// The child also gets IPC and UTS namespaces of its own, and a network namespace of
+    /// its own when `own_network` (only loopback: no host service or abstract unix socket
+    /// reachable; QEMU with pod NICs keeps the pod's, joined before the jail).
     pub fn new(
         identity: &Identity,
         root: &Path,
         visible: &[Visible],
         devices: &[&Path],
         groups: &[u32],
+        own_network: bool,
     ) -> Result<Jail, HypervisorError> {
         let mut dirs: Vec<PathBuf> = Vec::new();
         let mut files: Vec<PathBuf> = Vec::new();
@@ -193,6 +253,10 @@ impl Jail {
         g.extend(groups.iter().copied().filter(|&x| x != 0));
         Ok(Jail {
             uid: identity.uid,
+            unshare: libc::CLONE_NEWNS
+                | libc::CLONE_NEWIPC
+                | libc::CLONE_NEWUTS
+                | if own_network { libc::CLONE_NEWNET } else { 0 },
             groups: g,
             root: cstr(root)?,
             dirs: dirs.iter().map(|d| cstr(d)).collect::<Result<_, _>>()?,
@@ -211,6 +275,7 @@ impl Jail {
     /// privileges this drops). Call [`Jail::failure`] if the spawn then fails.
     pub fn install(&mut self, cmd: &mut Command) {
         let uid = self.uid;
+        let unshare = self.unshare;
         let groups = self.groups.clone();
         let root = self.root.clone();
         let dirs = self.dirs.clone();
@@ -227,7 +292,7 @@ impl Jail {
                     e
                 };
                 let ok = |r: libc::c_int| r >= 0;
-                if !ok(libc::unshare(libc::CLONE_NEWNS)) {
+                if !ok(libc::unshare(unshare)) {
                     return Err(fail(0));
                 }
                 let none = std::ptr::null::<libc::c_char>();
@@ -268,7 +333,7 @@ impl Jail {
                         host.as_ptr(),
                         inside.as_ptr(),
                         none,
-                        libc::MS_BIND | libc::MS_REC,
+                        libc::MS_BIND, // not recursive: mounts below a bound path stay out
                         std::ptr::null(),
                     )) {
                         return Err(fail(5));
@@ -497,7 +562,7 @@ mod tests {
             path: given.clone(),
             writable: false,
         }];
-        let mut jail = Jail::new(&id, &d.join("root"), &visible, &[], &[]).unwrap();
+        let mut jail = Jail::new(&id, &d.join("root"), &visible, &[], &[], true).unwrap();
         let mut cmd = Command::new("/bin/sh");
         let script = format!(
             "id -u; id -G; ls /; cat {}; echo x > {} || echo ro",
@@ -540,7 +605,7 @@ mod tests {
         let d = tmp("fail");
         let id = Identity::reserve(&d.join("ids"), 1_950_000_100, 16, 0).unwrap();
         // The root mount point does not exist.
-        let mut jail = Jail::new(&id, &d.join("missing"), &[], &[], &[]).unwrap();
+        let mut jail = Jail::new(&id, &d.join("missing"), &[], &[], &[], true).unwrap();
         let mut cmd = Command::new("/bin/true");
         jail.install(&mut cmd);
         assert!(cmd.status().is_err());
@@ -550,6 +615,10 @@ mod tests {
 
     #[tokio::test]
     async fn sockets_are_reached_only_directly_and_from_their_owner() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
         let d = tmp("connect");
         let real = d.join("real.sock");
         let _l = std::os::unix::net::UnixListener::bind(&real).unwrap();
@@ -569,6 +638,40 @@ mod tests {
         give(&link, 4242).unwrap();
         assert_eq!(std::fs::metadata(&real).unwrap().uid(), 0);
         assert_eq!(std::fs::symlink_metadata(&link).unwrap().uid(), 4242);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_leftover_process_of_a_vm_uid_is_killed_and_its_uid_not_reused_meanwhile() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let d = tmp("leftover");
+        let uid = 1_950_000_200;
+        // A process of that uid that no lock file knows (a VMM's forked leftover).
+        let mut cmd = Command::new("/bin/sleep");
+        cmd.arg("600");
+        // SAFETY: setresgid and setresuid only.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setresgid(uid, uid, uid) < 0 || libc::setresuid(uid, uid, uid) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        let id = Identity::reserve(&d.join("ids"), uid, 4, 0).unwrap();
+        assert_ne!(id.uid, uid, "a uid a process still runs as is skipped");
+        kill_all_of(uid).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        assert_eq!(Identity::reserve(&d.join("ids"), uid, 4, 0).unwrap().uid, uid);
+        assert!(kill_all_of(0).is_err());
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

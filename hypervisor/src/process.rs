@@ -111,10 +111,19 @@ impl Child {
         // The parent's write ends go with `cmd`'s, so the copy sees EOF when the child ends.
         drop(cmd);
         let mut child = spawned.map_err(|source| HypervisorError::Spawn { name, source })?;
-        std::thread::Builder::new()
-            .name(format!("log-{name}"))
-            .spawn(move || copy_bounded(r, file, MAX_LOG))
-            .map_err(|source| HypervisorError::Spawn { name, source })?;
+        // The exit is published once the log has everything the child wrote (its last
+        // lines are usually the error), or 1 s after the exit if a grandchild keeps the
+        // pipe open.
+        let (copied_tx, copied) = std::sync::mpsc::channel::<()>();
+        let copier = std::thread::Builder::new().name(format!("log-{name}")).spawn(move || {
+            copy_bounded(r, file, MAX_LOG);
+            let _ = copied_tx.send(());
+        });
+        if let Err(source) = copier {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(HypervisorError::Spawn { name, source });
+        }
         let pid = child.id();
         let (tx, rx) = watch::channel(None);
         std::thread::Builder::new()
@@ -124,9 +133,14 @@ impl Child {
                     Ok(s) => ProcessExit::from(s),
                     Err(e) => ProcessExit::WaitFailed(e.to_string()),
                 };
+                let _ = copied.recv_timeout(Duration::from_secs(1));
                 let _ = tx.send(Some(status));
             })
-            .map_err(|source| HypervisorError::Spawn { name, source })?;
+            .map_err(|source| {
+                // Nothing would wait for it: it must not outlive the error.
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                HypervisorError::Spawn { name, source }
+            })?;
         log::debug!("started {name}, pid {pid}");
         Ok(Child { name, pid, exit: rx })
     }

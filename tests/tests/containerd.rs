@@ -593,7 +593,9 @@ fn every_host_process_of_a_sandbox_is_confined_as_documented() {
         let vsock = &seen.get("vhost-device-vsock").expect("a vhost-device-vsock process")[..];
         let uid = qemu[0].uids[0];
         assert!(uid >= vmbox_config::DEFAULT_FIRST_UID, "QEMU's uid {uid}");
+        let net_ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
         for p in qemu.iter().chain(vsock) {
+            assert_ne!(net_ns(p.pid), net_ns(shim), "not in the host's network namespace: {p:?}");
             assert_eq!(p.uids, [uid; 4], "{p:?}");
             assert_eq!(p.gids, [uid; 4], "{p:?}");
             assert_eq!(p.caps, [0; 5], "no capability in any set: {p:?}");
@@ -652,4 +654,15 @@ fn every_host_process_of_a_sandbox_is_confined_as_documented() {
     for id in ids {
         c.remove(id);
     }
+    // Nothing runs as the VMs' uids once they are gone.
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            use std::os::unix::fs::MetadataExt;
+            e.metadata().map(|m| vm_uids.contains(&m.uid())).unwrap_or(false)
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "processes of the VMs' uids left: {left:?}");
 }

@@ -53,12 +53,17 @@ impl Ring {
         self.buf.len()
     }
 
-    /// The last `n` lines (lossy UTF-8).
+    /// The last `n` lines (lossy UTF-8), each at most [`MAX_LOG_LINE`] bytes with control
+    /// characters escaped: the guest wrote them, they go to logs and to containerd.
     pub fn tail(&self, n: usize) -> String {
         let bytes: Vec<u8> = self.buf.iter().copied().collect();
         let text = String::from_utf8_lossy(&bytes);
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        lines[lines.len().saturating_sub(n)..]
+            .iter()
+            .map(|l| vmbox_protocol::text::bounded(l, MAX_LOG_LINE))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 

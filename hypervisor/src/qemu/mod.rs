@@ -72,6 +72,24 @@ pub struct QemuVm {
 /// it they see (and may write) when confined. Names are short: the longest path below the
 /// run directory, `/vmm/vsock_1024`, must fit the run directory's socket budget.
 const VMM_DIR: &str = "vmm";
+/// In the run directory: the confined VM's uid, so a cleanup after a dead shim kills
+/// whatever still runs as it.
+const UID_FILE: &str = "vmm-uid";
+
+/// Unmounts the VMM's tmpfs (if there is one) and kills every process of the confined
+/// VM's uid recorded in `dir`. Blocking.
+fn release_confinement(dir: &Path) {
+    let _ = nix::mount::umount2(&dir.join(VMM_DIR), nix::mount::MntFlags::MNT_DETACH);
+    let uid = std::fs::read_to_string(dir.join(UID_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    if let Some(uid) = uid.filter(|&u| u != 0) {
+        if let Err(e) = crate::confine::kill_all_of(uid) {
+            log::warn!("kill the processes of confined uid {uid}: {e}");
+        }
+    }
+}
+
 /// Below the run directory: an empty directory each confined child mounts its root on
 /// (in its own mount namespace; the host sees it empty).
 const JAIL_DIR: &str = "jail";
@@ -259,7 +277,7 @@ impl QemuVm {
         let identity = if cfg.confinement.enabled {
             // The lowest free uid: the lock files number at most the VMs that ran at once.
             let id = crate::confine::Identity::reserve(
-                &cfg.state_dir.join("uids"),
+                Path::new(crate::confine::UID_LOCK_DIR),
                 cfg.confinement.first_uid,
                 cfg.confinement.uids,
                 0,
@@ -268,10 +286,10 @@ impl QemuVm {
             crate::confine::check_readable("vm.initramfs", &cfg.vm.initramfs, id.uid)?;
             let jail = dir.join(JAIL_DIR);
             std::fs::create_dir_all(&jail).map_err(HypervisorError::io("create", &jail))?;
-            std::os::unix::fs::chown(&vmm_dir, Some(id.uid), Some(id.uid))
-                .map_err(HypervisorError::io("chown", &vmm_dir))?;
-            std::fs::set_permissions(&vmm_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-                .map_err(HypervisorError::io("chmod", &vmm_dir))?;
+            // Recorded before anything runs as it: stop and a later cleanup kill whatever
+            // still runs as this uid.
+            let record = dir.join(UID_FILE);
+            std::fs::write(&record, id.uid.to_string()).map_err(HypervisorError::io("write", &record))?;
             log::info!("vm {}: VMM confined as uid {}", spec.name, id.uid);
             Some(id)
         } else {
@@ -383,7 +401,7 @@ impl QemuVm {
                 log::info!(
                     "vm {}: agent {} ready in {} ms",
                     vm.name,
-                    vm.hello.agent_version,
+                    vmbox_protocol::text::bounded(&vm.hello.agent_version, 128),
                     t0.elapsed().as_millis()
                 );
                 Ok(vm)
@@ -405,6 +423,20 @@ impl QemuVm {
     ) -> Result<(), HypervisorError> {
         let dir = self.dir.clone();
         let vmm_dir = dir.join(VMM_DIR);
+        if let Some(id) = &self.identity {
+            // The only place the confined processes can write: a small tmpfs of their own
+            // (a hostile VMM cannot fill /run), mode 0700, owned by the VM's uid; `stop`
+            // unmounts it.
+            let opts = format!("size=256k,nr_inodes=64,mode=0700,uid={0},gid={0}", id.uid);
+            nix::mount::mount(
+                Some("tmpfs"),
+                &vmm_dir,
+                Some("tmpfs"),
+                nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC,
+                Some(opts.as_str()),
+            )
+            .map_err(|e| HypervisorError::io("mount a tmpfs on", &vmm_dir)(e.into()))?;
+        }
         let t_daemons = Instant::now();
         // Both daemons start at once; their sockets are awaited together below.
         let mut sockets: Vec<(PathBuf, &'static str, PathBuf, usize)> = Vec::new();
@@ -441,7 +473,7 @@ impl QemuVm {
                     uds.display()
                 ));
                 self.enter_cgroup(&mut cmd)?;
-                let mut jail = self.jail(&bin, &[], &[], &[])?;
+                let mut jail = self.jail(&bin, &[], &[], &[], true)?;
                 let child = Child::spawn_with("vhost-device-vsock", cmd, &dir.join("vsock.log"), |cmd| {
                     if let Some(j) = jail.as_mut() {
                         j.install(cmd);
@@ -558,7 +590,15 @@ impl QemuVm {
             Accel::Kvm => (vec![kvm], crate::confine::device_group(kvm).into_iter().collect()),
             Accel::Tcg => (Vec::new(), Vec::new()),
         };
-        let mut jail = self.jail(qemu_bin, &[&cfg.vm.kernel, &cfg.vm.initramfs], &devices, &groups)?;
+        // Without pod NICs QEMU needs no network: a namespace of its own, loopback only.
+        let own_network = self.netns_path.is_none();
+        let mut jail = self.jail(
+            qemu_bin,
+            &[&cfg.vm.kernel, &cfg.vm.initramfs],
+            &devices,
+            &groups,
+            own_network,
+        )?;
         let qemu = Child::spawn_with("qemu", cmd, &dir.join("qemu.log"), |cmd| {
             use std::os::unix::process::CommandExt;
             // SAFETY: only setns and fcntl between fork and exec, both async-signal-safe;
@@ -657,6 +697,7 @@ impl QemuVm {
         files: &[&Path],
         devices: &[&Path],
         groups: &[u32],
+        own_network: bool,
     ) -> Result<Option<crate::confine::Jail>, HypervisorError> {
         let Some(id) = &self.identity else {
             return Ok(None);
@@ -674,7 +715,7 @@ impl QemuVm {
             };
             visible.push(crate::confine::Visible { path, writable: false });
         }
-        crate::confine::Jail::new(id, &self.dir.join(JAIL_DIR), &visible, devices, groups).map(Some)
+        crate::confine::Jail::new(id, &self.dir.join(JAIL_DIR), &visible, devices, groups, own_network).map(Some)
     }
 
     /// QEMU's monitor socket.
@@ -847,6 +888,13 @@ impl Vm for QemuVm {
             // virtiofsd leaves by itself once QEMU is gone; the vsock daemon does not.
             d.stop(Duration::from_secs(1)).await;
         }
+        if self.identity.is_some() {
+            // Whatever a hostile VMM forked dies before its uid is free for another VM.
+            let dir = self.dir.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || release_confinement(&dir)).await {
+                log::warn!("vm {}: release the confinement: {e}", self.name);
+            }
+        }
         if let Some(record) = self.netns.clone() {
             match tokio::task::spawn_blocking(move || record.detach()).await {
                 Ok(Ok(())) => {}
@@ -894,6 +942,8 @@ pub fn cleanup_run_dir(dir: &Path) -> Result<(), HypervisorError> {
     while live.iter().any(|p| ours(*p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
+    // The confined uid's processes, whatever their command line says.
+    release_confinement(dir);
     if let Some(record) = std::fs::read(dir.join(NETNS_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice::<NetnsRecord>(&b).ok())
