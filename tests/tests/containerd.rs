@@ -595,7 +595,11 @@ fn every_host_process_of_a_sandbox_is_confined_as_documented() {
         assert!(uid >= vmbox_config::DEFAULT_FIRST_UID, "QEMU's uid {uid}");
         let net_ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
         for p in qemu.iter().chain(vsock) {
-            assert_ne!(net_ns(p.pid), net_ns(shim), "not in the host's network namespace: {p:?}");
+            assert_ne!(
+                net_ns(p.pid),
+                net_ns(shim),
+                "not in the host's network namespace: {p:?}"
+            );
             assert_eq!(p.uids, [uid; 4], "{p:?}");
             assert_eq!(p.gids, [uid; 4], "{p:?}");
             assert_eq!(p.caps, [0; 5], "no capability in any set: {p:?}");
