@@ -117,10 +117,11 @@ struct PreparedStdio {
 }
 
 impl Containers {
-    pub fn new(reaper: Reaper, streams: Streams) -> Containers {
+    /// `zygote` forks the container-setup helpers (engine.rs); `None`: they are executed.
+    pub fn new(reaper: Reaper, streams: Streams, zygote: Option<Arc<crate::zygote::Zygote>>) -> Containers {
         Containers {
             map: Arc::default(),
-            engine: Engine::new(reaper.clone()),
+            engine: Engine::new(reaper.clone(), zygote),
             reaper,
             oom: OomEvents::default(),
             streams,

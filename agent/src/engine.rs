@@ -13,12 +13,14 @@ use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::reaper::Reaper;
+use crate::zygote::Zygote;
 
 /// libcontainer's state directory in the guest.
 pub const STATE_ROOT: &str = "/run/vmbox/containers";
@@ -86,14 +88,18 @@ const MAX_HELPERS: usize = 4;
 #[derive(Clone)]
 pub struct Engine {
     reaper: Reaper,
-    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    zygote: Option<Arc<Zygote>>,
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Engine {
-    pub fn new(reaper: Reaper) -> Engine {
+    /// `zygote`: forks helpers ([`Zygote`]); without it (or when it fails) each helper is
+    /// an exec of the agent.
+    pub fn new(reaper: Reaper, zygote: Option<Arc<Zygote>>) -> Engine {
         Engine {
             reaper,
-            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HELPERS)),
+            zygote,
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_HELPERS)),
         }
     }
 
@@ -105,18 +111,16 @@ impl Engine {
             .await
             .map_err(|e| EngineError::Helper(e.to_string()))?;
         let helper_err = |what: &str, e: &dyn std::fmt::Display| EngineError::Helper(format!("{what}: {e}"));
-        let (ours, theirs) = UnixStream::pair().map_err(|e| helper_err("socketpair", &e))?;
         let since = self.reaper.mark();
-        let child = std::process::Command::new("/proc/self/exe")
-            .arg("helper")
-            .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| helper_err("spawn /proc/self/exe helper", &e))?;
-        let helper_pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let (ours, helper_pid) = match self.fork_helper().await {
+            Ok(forked) => forked,
+            Err(e) => {
+                log::warn!("container helper from the zygote: {e}; executing one instead");
+                exec_helper().map_err(|e| helper_err("spawn /proc/self/exe helper", &e))?
+            }
+        };
+        let helper_pid = nix::unistd::Pid::from_raw(helper_pid);
         let exited = self.reaper.watch(helper_pid.as_raw(), since);
-        // Dropping a std Child neither kills nor waits: the reaper collects it.
-        drop(child);
         let line = serde_json::to_vec(&req).map_err(|e| helper_err("encode request", &e))?;
         let talk = tokio::task::spawn_blocking(move || -> (Result<Response, EngineError>, bool) {
             if let Err(e) = send_with_fds(&ours, &line, &fds) {
@@ -155,6 +159,35 @@ impl Engine {
             None => Ok(reply.pid),
         }
     }
+}
+
+impl Engine {
+    /// A helper forked by the zygote: our end of its request socket and its pid.
+    async fn fork_helper(&self) -> std::io::Result<(UnixStream, i32)> {
+        let zygote = self
+            .zygote
+            .clone()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no zygote"))?;
+        let (ours, theirs) = UnixStream::pair()?;
+        let pid = tokio::task::spawn_blocking(move || zygote.spawn(OwnedFd::from(theirs)))
+            .await
+            .map_err(std::io::Error::other)??;
+        Ok((ours, pid))
+    }
+}
+
+/// A helper executed afresh (`/proc/self/exe helper`): our end of its socket and its pid.
+fn exec_helper() -> std::io::Result<(UnixStream, i32)> {
+    let (ours, theirs) = UnixStream::pair()?;
+    let child = std::process::Command::new("/proc/self/exe")
+        .arg("helper")
+        .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let pid = child.id() as i32;
+    // Dropping a std Child neither kills nor waits: the reaper collects it.
+    drop(child);
+    Ok((ours, pid))
 }
 
 fn send_with_fds(sock: &UnixStream, line: &[u8], fds: &[OwnedFd]) -> nix::Result<()> {
@@ -328,13 +361,18 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// The helper process: reads one request from stdin, runs it, answers, exits.
-/// Runs before any thread exists, and never starts one.
+/// The executed helper (`vmbox-agent helper`): serves the request socket on its stdin.
 pub fn helper_main() -> i32 {
+    // SAFETY: fd 0 is the request socket the agent gave us; we own it from here on.
+    serve_helper(unsafe { UnixStream::from_raw_fd(0) })
+}
+
+/// A helper's work, executed or forked by the zygote: reads one request from `sock`, runs
+/// it, answers, and returns the exit code. Runs in a process with one thread, and never
+/// starts another.
+pub fn serve_helper(sock: UnixStream) -> i32 {
     seed_names();
     let details = capture_failure_details();
-    // SAFETY: fd 0 is the request socket the agent gave us; we own it from here on.
-    let sock = unsafe { UnixStream::from_raw_fd(0) };
     let reply = match receive(&sock) {
         Ok((req, fds)) => match execute(req, fds) {
             Ok(pid) => Response { pid, error: None },

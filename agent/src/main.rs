@@ -21,6 +21,7 @@ mod service;
 mod shutdown;
 mod streams;
 mod workload;
+mod zygote;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -124,6 +125,14 @@ fn main() {
     let params = init::Params::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     log::set_max_level(params.log_level);
     init::tune(&params);
+    // Forked while this process still has one thread (zygote.rs).
+    let zygote = match zygote::Zygote::start() {
+        Ok(z) => Some(Arc::new(z)),
+        Err(e) => {
+            log::warn!("container-setup zygote: {e}; helpers will be executed");
+            None
+        }
+    };
     // The async runtime starts only now, after every single-threaded step.
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -133,7 +142,7 @@ fn main() {
         Ok(rt) => rt,
         Err(e) => fatal(&format!("tokio runtime: {e}")),
     };
-    if let Err(e) = rt.block_on(serve(params)) {
+    if let Err(e) = rt.block_on(serve(params, zygote)) {
         fatal(&e);
     }
     shutdown::power_off();
@@ -145,7 +154,7 @@ fn fatal(msg: &str) -> ! {
     std::process::exit(1);
 }
 
-async fn serve(params: init::Params) -> Result<(), String> {
+async fn serve(params: init::Params, zygote: Option<Arc<zygote::Zygote>>) -> Result<(), String> {
     if !params.share.is_empty() {
         init::mount_share(&params.share).map_err(|e| e.to_string())?;
     }
@@ -161,7 +170,7 @@ async fn serve(params: init::Params) -> Result<(), String> {
             vmbox_protocol::FORWARD_PORT
         )
     })?;
-    let containers = container::Containers::new(reaper, streams);
+    let containers = container::Containers::new(reaper, streams, zygote);
     watch_oom(containers.clone());
     let service = service::Service {
         containers,

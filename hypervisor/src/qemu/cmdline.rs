@@ -182,15 +182,40 @@ pub fn qemu_args(a: &QemuArgs) -> Vec<OsString> {
     v
 }
 
+/// Kernel parameters for a guest under TCG only (`make bench`, docs/benchmarks.md):
+/// - `nolapic_timer`: TCG has no TSC-deadline timer, so the kernel would calibrate the
+///   local APIC timer against the PIT at every boot: 25 ticks, about 250 ms of wall time
+///   here. Without it the PIT's periodic tick drives the clock events; the guest had no
+///   high-resolution timers under TCG anyway (its clocksource was jiffies).
+/// - `tsc=reliable`: QEMU's TCG TSC is the host's, monotonic and shared by every vCPU,
+///   but the kernel's TSC synchronization check between vCPU threads fails under
+///   emulation and falls back to the jiffies clocksource (4 ms resolution).
+/// - `no_timer_check`: skips the IO-APIC timer IRQ test (about 20 ms).
+///
+/// Under KVM none is needed: `-cpu host` exposes the TSC-deadline timer and a stable
+/// TSC, and the kernel skips all three by itself.
+pub const TCG_KERNEL_PARAMS: &str = "nolapic_timer tsc=reliable no_timer_check";
+
 /// The guest kernel's command line. `hostname` must already be valid
 /// ([`vmbox_protocol::valid_hostname`]); `extra` is the operator's `vm.kernel_params`.
-pub fn kernel_append(log_level: &str, hello_port: u32, share: bool, hostname: Option<&str>, extra: &str) -> String {
+pub fn kernel_append(
+    log_level: &str,
+    hello_port: u32,
+    share: bool,
+    hostname: Option<&str>,
+    accel: Accel,
+    extra: &str,
+) -> String {
     let quiet = log_level != "trace";
     let agent_log = if quiet { log_level } else { "debug" };
     let mut append = format!(
         "console=ttyS0 reboot=t panic=-1 {}vmbox.log={agent_log} vmbox.hello_port={hello_port}",
         if quiet { "quiet " } else { "" }
     );
+    if accel == Accel::Tcg {
+        append.push(' ');
+        append.push_str(TCG_KERNEL_PARAMS);
+    }
     if share {
         append.push_str(&format!(" vmbox.share={SHARE_TAG}"));
     }
@@ -363,12 +388,17 @@ mod tests {
 
     #[test]
     fn the_kernel_command_line_carries_port_share_hostname_and_extras() {
-        let a = kernel_append("info", 1030, true, Some("node-1"), "foo=bar");
+        let a = kernel_append("info", 1030, true, Some("node-1"), Accel::Kvm, "foo=bar");
         assert_eq!(
             a,
             "console=ttyS0 reboot=t panic=-1 quiet vmbox.log=info vmbox.hello_port=1030 vmbox.share=vmboxfs vmbox.hostname=node-1 foo=bar"
         );
-        let a = kernel_append("trace", 1024, false, None, "");
+        let a = kernel_append("info", 1030, false, None, Accel::Tcg, "");
+        assert_eq!(
+            a,
+            "console=ttyS0 reboot=t panic=-1 quiet vmbox.log=info vmbox.hello_port=1030 nolapic_timer tsc=reliable no_timer_check"
+        );
+        let a = kernel_append("trace", 1024, false, None, Accel::Kvm, "");
         assert_eq!(
             a,
             "console=ttyS0 reboot=t panic=-1 vmbox.log=debug vmbox.hello_port=1024"

@@ -521,6 +521,7 @@ impl QemuVm {
             listener.port(),
             spec.shared_dir.is_some(),
             hostname,
+            self.accel,
             &cfg.vm.kernel_params,
         );
         let console_sock = vmm_dir.join("con.sock");
