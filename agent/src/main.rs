@@ -116,6 +116,8 @@ fn main() {
     }
     let _ = log::set_logger(&ConsoleLogger);
     log::set_max_level(log::LevelFilter::Info);
+    let mut steps = BootSteps::default();
+    steps.at("main");
     if let Err(e) = init::switch_root() {
         fatal(&format!("boot: {e}"));
     }
@@ -124,7 +126,9 @@ fn main() {
     }
     let params = init::Params::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     log::set_max_level(params.log_level);
+    steps.at("mounts");
     init::tune(&params);
+    steps.at("tune");
     // Forked while this process still has one thread (zygote.rs).
     let zygote = match zygote::Zygote::start() {
         Ok(z) => Some(Arc::new(z)),
@@ -133,6 +137,7 @@ fn main() {
             None
         }
     };
+    steps.at("zygote");
     // The async runtime starts only now, after every single-threaded step.
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -142,7 +147,8 @@ fn main() {
         Ok(rt) => rt,
         Err(e) => fatal(&format!("tokio runtime: {e}")),
     };
-    if let Err(e) = rt.block_on(serve(params, zygote)) {
+    steps.at("runtime");
+    if let Err(e) = rt.block_on(serve(params, zygote, steps)) {
         fatal(&e);
     }
     shutdown::power_off();
@@ -154,10 +160,26 @@ fn fatal(msg: &str) -> ! {
     std::process::exit(1);
 }
 
-async fn serve(params: init::Params, zygote: Option<Arc<zygote::Zygote>>) -> Result<(), String> {
+/// When each boot step of the agent ended, in ms of the guest kernel's clock (logged at
+/// debug level with the hello: where the agent's part of a boot goes).
+#[derive(Default)]
+struct BootSteps(Vec<(&'static str, u64)>);
+
+impl BootSteps {
+    fn at(&mut self, step: &'static str) {
+        self.0.push((step, init::boot_time_us() / 1000));
+    }
+    fn log(&self) {
+        let steps: Vec<String> = self.0.iter().map(|(s, ms)| format!("{s} {ms}")).collect();
+        log::debug!("boot steps, ms since the kernel started: {}", steps.join(", "));
+    }
+}
+
+async fn serve(params: init::Params, zygote: Option<Arc<zygote::Zygote>>, mut steps: BootSteps) -> Result<(), String> {
     if !params.share.is_empty() {
         init::mount_share(&params.share).map_err(|e| e.to_string())?;
     }
+    steps.at("share");
     cgroup::enable_controllers().map_err(|e| e.to_string())?;
     let reaper = reaper::Reaper::start().map_err(|e| format!("reaper: {e}"))?;
     let streams = streams::Streams::default();
@@ -183,7 +205,11 @@ async fn serve(params: init::Params, zygote: Option<Arc<zygote::Zygote>>) -> Res
         .add_listener(listener.into())
         .register_service(services);
     server.start().await.map_err(|e| format!("ttrpc server: {e}"))?;
-    say_hello(params.hello_port).await?;
+    steps.at("listening");
+    let hello = say_hello(params.hello_port).await;
+    steps.at("hello");
+    steps.log();
+    hello?;
     log::info!("serving on vsock port {AGENT_PORT}");
     std::future::pending::<()>().await;
     Ok(())
