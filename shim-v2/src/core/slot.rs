@@ -226,6 +226,15 @@ impl Core {
         let _ = done.send(true);
     }
 
+    /// Whether `c` is the only container registered (Creates in flight count) in a
+    /// running sandbox, i.e. whether forgetting it now would stop the sandbox.
+    pub(super) fn is_last(&self, c: &Arc<Container>) -> bool {
+        let st = self.lock();
+        st.containers.len() == 1
+            && st.containers.get(&c.id).is_some_and(|x| Arc::ptr_eq(x, c))
+            && matches!(st.slot, Slot::Running(_))
+    }
+
     /// Forgets container `c` (if it is still the one registered under its id); when it was
     /// the last one of the running sandbox, the sandbox's shutdown begins in the same locked
     /// step, so a Create arriving later waits for it instead of using a dying VM. The caller

@@ -27,6 +27,8 @@ pub struct Guest {
     pub(super) vm_exit: watch::Sender<Option<VmExit>>,
     pub fail_create: AtomicBool,
     pub creates: AtomicUsize,
+    /// Containers removed by `remove` (not by the shutdown).
+    pub removes: AtomicUsize,
     pub create_gate: Gate,
     pub start_gate: Gate,
     pub shutdown_gate: Gate,
@@ -186,6 +188,7 @@ impl GuestAgent for Guest {
 
     async fn remove(&self, container: &Id, _force: bool) -> Result<(), ShimError> {
         self.alive()?;
+        self.removes.fetch_add(1, Ordering::SeqCst);
         self.containers.lock().unwrap().remove(container.as_str());
         self.execs.lock().unwrap().retain(|(c, _)| c != container.as_str());
         Ok(())

@@ -83,6 +83,26 @@ async fn create_start_exit_delete_report_their_events_in_order() {
 }
 
 #[tokio::test]
+async fn only_a_container_whose_sandbox_stays_is_removed_in_the_guest() {
+    let rig = Rig::new();
+    running(&rig, "a").await;
+    running(&rig, "b").await;
+    for c in ["a", "b"] {
+        rig.guest().exit(&init(c), 0);
+        rig.core.wait(&init(c)).await.unwrap();
+    }
+    rig.core.delete(&init("a")).await.unwrap();
+    assert_eq!(rig.guest().removes.load(Ordering::SeqCst), 1, "a: the sandbox stays");
+    rig.core.delete(&init("b")).await.unwrap();
+    assert_eq!(
+        rig.guest().removes.load(Ordering::SeqCst),
+        1,
+        "b, the last one, is left to the sandbox's shutdown"
+    );
+    assert!(rig.hv.vm(0).stopped.load(Ordering::SeqCst));
+}
+
+#[tokio::test]
 async fn exec_before_start_is_a_failed_precondition() {
     let rig = Rig::new();
     rig.core.create(create_req(&rig, "a")).await.unwrap();
