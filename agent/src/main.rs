@@ -129,8 +129,8 @@ fn main() {
     steps.at("mounts");
     init::tune(&params);
     steps.at("tune");
-    // Forked while this process still has one thread (zygote.rs).
-    let zygote = match zygote::Zygote::start() {
+    // SAFETY: no thread has been started yet: the async runtime starts below.
+    let zygote = match unsafe { zygote::Zygote::start() } {
         Ok(z) => Some(Arc::new(z)),
         Err(e) => {
             log::warn!("container-setup zygote: {e}; helpers will be executed");

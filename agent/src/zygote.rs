@@ -38,14 +38,19 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The agent's end of the zygote. Requests are serialized: the zygote serves one at a time.
 pub struct Zygote {
-    control: Mutex<OwnedFd>,
+    /// `None` once an exchange failed half-way: a late answer would otherwise be read as
+    /// the next request's pid, so the agent executes helpers from then on.
+    control: Mutex<Option<OwnedFd>>,
 }
 
 impl Zygote {
-    /// Forks the zygote. Must be called while this process has exactly one thread.
+    /// Forks the zygote.
+    ///
+    /// # Safety
+    /// This process must have exactly one thread: the child runs on after the fork.
     ///
     /// Errors: the socketpair or the fork failed (the agent then executes helpers).
-    pub fn start() -> nix::Result<Zygote> {
+    pub unsafe fn start() -> nix::Result<Zygote> {
         let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
         // SAFETY: the caller guarantees a single thread, so the child's copy of every lock
         // is consistent; the child never returns from `serve`.
@@ -59,7 +64,7 @@ impl Zygote {
             ForkResult::Parent { .. } => {
                 drop(theirs);
                 Ok(Zygote {
-                    control: Mutex::new(ours),
+                    control: Mutex::new(Some(ours)),
                 })
             }
         }
@@ -68,57 +73,93 @@ impl Zygote {
     /// Has a helper forked that serves requests on `sock`; returns its pid. The helper is
     /// a child of this process (PID 1) by the time this returns.
     ///
-    /// Errors: the zygote is gone, did not answer within [`ANSWER_TIMEOUT`], or could not
-    /// fork (its errno).
+    /// Errors: the zygote could not fork (its errno); or it is gone, did not answer within
+    /// [`ANSWER_TIMEOUT`], or answered garbage, after which it is not asked again.
     pub fn spawn(&self, sock: OwnedFd) -> std::io::Result<i32> {
-        let control = self.control.lock().unwrap_or_else(|p| p.into_inner());
-        let raw = [sock.as_raw_fd()];
-        let cmsg = [ControlMessage::ScmRights(&raw)];
-        retry_eintr(|| {
-            sendmsg::<()>(
-                control.as_raw_fd(),
-                &[IoSlice::new(b"h")],
-                &cmsg,
-                MsgFlags::empty(),
-                None,
-            )
-        })?;
-        drop(sock);
-        let timeout = nix::sys::time::TimeVal::new(ANSWER_TIMEOUT.as_secs() as i64, 0);
-        nix::sys::socket::setsockopt(&control.as_fd(), nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
-        let mut answer = [0u8; 4];
-        let n = retry_eintr(|| nix::unistd::read(control.as_raw_fd(), &mut answer))?;
-        if n != answer.len() {
+        let mut control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(fd) = control.as_ref() else {
             return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "zygote closed its control socket",
+                std::io::ErrorKind::NotConnected,
+                "the zygote failed before; helpers are executed",
             ));
-        }
-        match i32::from_ne_bytes(answer) {
-            pid if pid > 0 => Ok(pid),
-            e => Err(std::io::Error::from_raw_os_error(-e)),
+        };
+        match exchange(fd, sock) {
+            Ok(Ok(pid)) => Ok(pid),
+            Ok(Err(errno)) => Err(std::io::Error::from(errno)),
+            Err(e) => {
+                // Closing our end also ends the zygote (EOF).
+                *control = None;
+                Err(e)
+            }
         }
     }
 }
 
-/// The zygote's loop: one helper per message, until the agent's end closes.
+/// One request: sends `sock`, reads the answer. The outer error means the exchange broke
+/// off (the protocol may be out of step); the inner one is the zygote's failed fork.
+fn exchange(control: &OwnedFd, sock: OwnedFd) -> std::io::Result<Result<i32, nix::errno::Errno>> {
+    let raw = [sock.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    retry_eintr(|| {
+        sendmsg::<()>(
+            control.as_raw_fd(),
+            &[IoSlice::new(b"h")],
+            &cmsg,
+            MsgFlags::empty(),
+            None,
+        )
+    })?;
+    drop(sock);
+    let deadline = std::time::Instant::now() + ANSWER_TIMEOUT;
+    let mut answer = [0u8; 4];
+    let n = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the zygote did not answer in time",
+            ));
+        }
+        // A signal fails a read that has a timeout with EINTR (signal(7)): go on with
+        // what is left of the deadline.
+        let timeout = nix::sys::time::TimeVal::new(left.as_secs() as i64, left.subsec_micros() as i64);
+        nix::sys::socket::setsockopt(&control.as_fd(), nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
+        match nix::unistd::read(control.as_raw_fd(), &mut answer) {
+            Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => continue,
+            r => break r?,
+        }
+    };
+    if n != answer.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the zygote closed its control socket",
+        ));
+    }
+    Ok(match i32::from_ne_bytes(answer) {
+        pid if pid > 0 => Ok(pid),
+        e => Err(nix::errno::Errno::from_raw(-e)),
+    })
+}
+
+/// The zygote's loop: one helper per message, until the agent's end closes (or fails).
 fn serve(control: &OwnedFd) {
     loop {
-        let sock = match receive_fd(control) {
-            Ok(Some(fd)) => fd,
-            Ok(None) => return,
-            Err(_) => continue,
-        };
-        let answer = match fork_helper(control, sock) {
-            Ok(pid) => pid,
-            Err(e) => -(e as i32),
+        let answer = match receive_fd(control) {
+            Ok(Some(Ok(sock))) => match fork_helper(control, sock) {
+                Ok(pid) => pid,
+                Err(e) => -(e as i32),
+            },
+            // A message without exactly one descriptor still gets its answer.
+            Ok(Some(Err(e))) => -(e as i32),
+            Ok(None) | Err(_) => return,
         };
         let _ = retry_eintr(|| nix::unistd::write(control, &answer.to_ne_bytes()));
     }
 }
 
-/// Receives one message and the fd attached to it; `None` when the agent's end is closed.
-fn receive_fd(control: &OwnedFd) -> nix::Result<Option<OwnedFd>> {
+/// Receives one message and the fd attached to it: `None` when the agent's end is closed,
+/// `Some(Err(EINVAL))` for a message that does not carry exactly one descriptor.
+fn receive_fd(control: &OwnedFd) -> nix::Result<Option<nix::Result<OwnedFd>>> {
     let mut byte = [0u8; 1];
     let mut cmsg = nix::cmsg_space!([RawFd; 1]);
     let mut iov = [IoSliceMut::new(&mut byte)];
@@ -143,12 +184,12 @@ fn receive_fd(control: &OwnedFd) -> nix::Result<Option<OwnedFd>> {
             fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
         }
     }
-    // Exactly one descriptor, or the message is not a request (extra ones are closed).
-    if fds.len() == 1 {
-        Ok(fds.pop())
+    // Extra descriptors are closed with `fds`.
+    Ok(Some(if fds.len() == 1 {
+        fds.pop().ok_or(nix::errno::Errno::EINVAL)
     } else {
         Err(nix::errno::Errno::EINVAL)
-    }
+    }))
 }
 
 /// Double fork: the intermediate forks the helper and exits; the helper, orphaned, becomes
@@ -233,14 +274,24 @@ mod tests {
         // SAFETY: the child only runs the zygote loop (raw syscalls and fork) and _exits.
         match unsafe { fork() }.expect("fork") {
             ForkResult::Child => {
-                drop(control);
-                serve(&zygote_end);
+                // Only the control socket stays open (as fd 3): copies of other tests'
+                // descriptors would keep their sockets open.
+                let fd = zygote_end.as_raw_fd();
+                std::mem::forget(control);
+                std::mem::forget(zygote_end);
+                // SAFETY: this child owns its descriptor table; nothing uses the closed ones.
+                let end = unsafe {
+                    libc::dup2(fd, 3);
+                    libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+                    OwnedFd::from_raw_fd(3)
+                };
+                serve(&end);
                 unsafe { libc::_exit(0) }
             }
             ForkResult::Parent { child } => {
                 drop(zygote_end);
                 let z = Zygote {
-                    control: Mutex::new(control),
+                    control: Mutex::new(Some(control)),
                 };
                 // Made after the fork: the zygote must hold no copy of the helper's end.
                 let (ours, theirs) = UnixStream::pair().expect("socketpair");

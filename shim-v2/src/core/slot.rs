@@ -158,8 +158,8 @@ impl Core {
         task
     }
 
-    /// Stops the sandbox (graceful: containers stopped, filesystems flushed, VM powered
-    /// off), or abandons its boot. Returns once it is gone; concurrent calls wait for the first.
+    /// Stops the sandbox (graceful: containers stopped, filesystems flushed, then the VM
+    /// stopped from the host), or abandons its boot. Returns once it is gone; concurrent calls wait for the first.
     /// With `close`, the shim is about to exit: no sandbox boots again.
     pub async fn shutdown_sandbox(&self, close: bool) {
         let job = {
