@@ -159,9 +159,7 @@ impl Engine {
             None => Ok(reply.pid),
         }
     }
-}
 
-impl Engine {
     /// A helper forked by the zygote: our end of its request socket and its pid.
     async fn fork_helper(&self) -> std::io::Result<(UnixStream, i32)> {
         let zygote = self

@@ -427,9 +427,7 @@ impl Core {
         // libcontainer delete there cost about 40 ms of every `ctr run --rm` under TCG).
         let last = self.is_last(c);
         if let (Ok(s), false) = (&sandbox, last) {
-            if let Err(e) = s.agent.remove(&c.id, true).await {
-                log::warn!("remove {} in the guest: {e}", c.id);
-            }
+            remove_in_guest(s, &c.id).await;
         }
         let exit = c.with(|procs| {
             procs.deleted = true;
@@ -444,9 +442,7 @@ impl Core {
         let shutdown = self.forget(c, true);
         if let (Ok(s), true, ShutdownJob::Nothing) = (&sandbox, last, &shutdown) {
             // A Create came in since: the sandbox stays, so the guest removes this one.
-            if let Err(e) = s.agent.remove(&c.id, true).await {
-                log::warn!("remove {} in the guest: {e}", c.id);
-            }
+            remove_in_guest(s, &c.id).await;
         }
         if let Ok(s) = &sandbox {
             s.remove_container_files(&c.id).await;
@@ -468,5 +464,13 @@ impl Core {
             let _ = blocking(move || hooks.run_after(crate::hooks::Stage::Poststop, pid)).await;
         }
         Ok((pid, exit))
+    }
+}
+
+/// Removes container `id` in the guest (forced); a failure is logged, as the host's side
+/// of the delete goes on regardless.
+async fn remove_in_guest(s: &Sandbox, id: &Id) {
+    if let Err(e) = s.agent.remove(id, true).await {
+        log::warn!("remove {id} in the guest: {e}");
     }
 }
