@@ -69,6 +69,34 @@ pub struct Config {
     pub binaries: Binaries,
     pub timeouts: Timeouts,
     pub confinement: Confinement,
+    pub pool: Pool,
+}
+
+/// The warm pool (docs/lifecycle.md, "Warm pool"; Kata calls it VMCache): standby shims,
+/// each holding a VM of the default size booted and warmed before any container asks for
+/// one. `containerd-shim-vmbox-v2 start` hands a new sandbox to a ready standby when its
+/// first container fits one (the default size, no network namespace path, no OCI hooks
+/// before the create, the same config) and starts standbys until `size` are alive.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pool {
+    /// Standby VMs kept booted, 0 to [`MAX_POOL_SIZE`]; 0 (the default) turns the pool off.
+    /// Each costs an idle sandbox's memory (docs/benchmarks.md) until it is claimed.
+    pub size: u32,
+    /// Seconds a standby waits for a claim before it stops its VM and exits, 10 to 86400.
+    pub idle_timeout_s: u64,
+}
+
+/// Upper bound of `pool.size`.
+pub const MAX_POOL_SIZE: u32 = 16;
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool {
+            size: 0,
+            idle_timeout_s: 600,
+        }
+    }
 }
 
 /// How the host processes a guest can reach (QEMU, vhost-device-vsock) are confined
@@ -165,6 +193,7 @@ impl Default for Config {
             binaries: Binaries::default(),
             timeouts: Timeouts::default(),
             confinement: Confinement::default(),
+            pool: Pool::default(),
         }
     }
 }
@@ -327,6 +356,20 @@ impl Config {
                 "must be an absolute path".into(),
             ));
         }
+        if self.pool.size > MAX_POOL_SIZE {
+            return Err(bad(
+                "pool.size",
+                self.pool.size.to_string(),
+                format!("expected 0 (no pool) to {MAX_POOL_SIZE}"),
+            ));
+        }
+        if !(10..=86_400).contains(&self.pool.idle_timeout_s) {
+            return Err(bad(
+                "pool.idle_timeout_s",
+                self.pool.idle_timeout_s.to_string(),
+                "expected 10 to 86400 (seconds)".into(),
+            ));
+        }
         let c = &self.confinement;
         if c.first_uid == 0 || c.uids == 0 || c.first_uid.checked_add(c.uids).is_none_or(|end| end > u32::MAX - 1) {
             return Err(bad(
@@ -413,6 +456,11 @@ mod tests {
             .to_string();
         assert!(err.contains("confinement.qemu_sandbox"), "{err}");
         assert!(!parse("[confinement]\nenabled = false\n").unwrap().confinement.enabled);
+        let err = parse("[pool]\nsize = 17\n").unwrap_err().to_string();
+        assert!(err.contains("pool.size"), "{err}");
+        let err = parse("[pool]\nidle_timeout_s = 1\n").unwrap_err().to_string();
+        assert!(err.contains("pool.idle_timeout_s"), "{err}");
+        assert_eq!(parse("[pool]\nsize = 2\n").unwrap().pool.size, 2);
     }
 
     #[test]

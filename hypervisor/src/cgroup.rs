@@ -74,6 +74,25 @@ impl HostCgroup {
         Ok(())
     }
 
+    /// Moves running processes in: each of `roots` and every descendant of theirs (a
+    /// daemon's forked workers), whole thread groups. Blocking (a walk of /proc).
+    ///
+    /// Errors: [`HypervisorError::Cgroup`] naming the path and the pid that could not move
+    /// (a process that exited meanwhile is skipped).
+    pub fn adopt(&self, roots: &[u32]) -> Result<(), HypervisorError> {
+        for pid in with_descendants(roots) {
+            if let Err(e) = self.cg.add_task_by_tgid(cgroups_rs::CgroupPid::from(pid as u64)) {
+                if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                    return Err(HypervisorError::Cgroup {
+                        path: self.path.clone(),
+                        detail: format!("move pid {pid} in: {e}"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The cgroup's path below each hierarchy's root.
     pub fn path(&self) -> &Path {
         &self.path
@@ -89,6 +108,38 @@ impl HostCgroup {
     pub fn remove_path(path: &Path) -> Result<(), HypervisorError> {
         remove(&Cgroup::load(hierarchies::auto(), path), path)
     }
+}
+
+/// `roots` and all their descendants alive now, parents before children (from each
+/// process's parent pid in /proc/<pid>/stat).
+fn with_descendants(roots: &[u32]) -> Vec<u32> {
+    let mut parent_of = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let ppid = std::fs::read_to_string(e.path().join("stat"))
+                .ok()
+                .and_then(|s| s.rsplit(')').next()?.split_whitespace().nth(1)?.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                parent_of.push((pid, ppid));
+            }
+        }
+    }
+    let mut out: Vec<u32> = roots.to_vec();
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        let children: Vec<u32> = parent_of
+            .iter()
+            .filter(|(c, pp)| *pp == p && !out.contains(c))
+            .map(|(c, _)| *c)
+            .collect();
+        out.extend(children);
+        i += 1;
+    }
+    out
 }
 
 fn remove(cg: &Cgroup, path: &Path) -> Result<(), HypervisorError> {
@@ -117,4 +168,21 @@ fn remove(cg: &Cgroup, path: &Path) -> Result<(), HypervisorError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descendants_are_found_below_their_roots() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let me = std::process::id();
+        let all = with_descendants(&[me]);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(all[0], me);
+        assert!(all.contains(&child.id()), "{all:?} lacks {}", child.id());
+        assert!(!all.contains(&1), "init is no descendant: {all:?}");
+    }
 }

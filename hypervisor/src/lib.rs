@@ -127,6 +127,12 @@ pub trait Vm: Send + Sync {
     /// The pod network carried into the VM (its NICs by MAC, addresses, routes,
     /// neighbours), for the agent's `SetupNetwork`; empty without one.
     fn network(&self) -> &vmbox_network::Network;
+    /// Moves the VMM and its daemons (and whatever they forked) into the host cgroup at
+    /// `path` (relative to each hierarchy's root; created if missing, removed by `stop`).
+    /// For a VM started without one: a standby VM handed to a sandbox. Errors:
+    /// [`HypervisorError::Cgroup`] naming the path (the VM already has a cgroup, a move
+    /// the host refused).
+    async fn join_cgroup(&self, path: &Path) -> Result<(), HypervisorError>;
     /// The last `lines` lines of the guest console (kept in a bounded buffer).
     fn console_tail(&self, lines: usize) -> String;
     /// Stops the VMM (QMP quit, then SIGKILL) and the daemons, removes the run directory.

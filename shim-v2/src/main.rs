@@ -17,6 +17,7 @@ mod io;
 mod metrics;
 mod mounts;
 mod options;
+mod pool;
 mod service;
 mod signals;
 mod task;
@@ -60,6 +61,31 @@ async fn serve() {
             return;
         }
         Some("check") => std::process::exit(if check::run() { 0 } else { 1 }),
+        // A warm pool's standby (pool.rs), started by `start`.
+        Some("standby") => {
+            let Some(sid) = std::env::args().nth(2) else {
+                eprintln!("usage: containerd-shim-vmbox-v2 standby <id>");
+                std::process::exit(2);
+            };
+            return pool::run_standby(&sid).await;
+        }
+        Some("pool") => {
+            if std::env::args().nth(2).as_deref() != Some("drain") {
+                eprintln!("usage: containerd-shim-vmbox-v2 pool drain");
+                std::process::exit(2);
+            }
+            match vmbox_config::Config::load() {
+                Ok(c) => {
+                    let n = tokio::task::spawn_blocking(move || pool::drain(&c)).await.unwrap_or(0);
+                    println!("stopped {n} standby VMs");
+                    return;
+                }
+                Err(e) => {
+                    eprintln!("containerd-shim-vmbox-v2: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
         _ => {}
     }
     // No waitpid(-1) reaper and no subreaper. These must be set here: containerd-shim 0.11

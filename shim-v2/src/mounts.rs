@@ -152,6 +152,18 @@ fn unescape_mountinfo(field: &str) -> PathBuf {
 /// Unmounts everything at or below `dir`, then removes it. Errors are logged: cleanup
 /// goes as far as it can.
 pub fn unmount_and_remove(dir: &Path) {
+    // A sandbox that took over a standby VM names the standby's directory through a
+    // symbolic link (docs/lifecycle.md, "Warm pool"): what is below the target goes, then
+    // the link.
+    if dir.is_symlink() {
+        if let Ok(target) = dir.canonicalize() {
+            unmount_and_remove(&target);
+        }
+        if let Err(e) = std::fs::remove_file(dir) {
+            log::warn!("remove {}: {e}", dir.display());
+        }
+        return;
+    }
     for m in mounts_below(dir) {
         if let Err(e) = umount2(&m, MntFlags::empty()) {
             log::debug!("umount {}: {e}; detaching", m.display());
@@ -176,6 +188,19 @@ pub fn unmount_and_remove(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_to_a_directory_goes_with_what_it_names() {
+        let base = std::env::temp_dir().join(format!("vmbox-unlink-{}", std::process::id()));
+        let (real, link) = (base.join("real"), base.join("link"));
+        std::fs::create_dir_all(real.join("sub")).unwrap();
+        std::fs::write(real.join("sub/f"), b"x").unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        unmount_and_remove(&link);
+        let gone = (!link.is_symlink(), !real.exists());
+        let _ = std::fs::remove_dir_all(&base);
+        assert_eq!(gone, (true, true));
+    }
 
     #[test]
     fn mountinfo_escapes_are_decoded() {

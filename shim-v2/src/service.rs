@@ -78,7 +78,41 @@ impl Shim for Service {
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
         let bundle = std::env::current_dir().map_err(|e| Error::Other(format!("cwd: {e}")))?;
         let grouping = sandbox_of(&bundle, &opts.id);
-        let address = spawn(opts, &grouping, Vec::new()).await?;
+        let pool = self.config.as_ref().ok().filter(|c| c.pool.size > 0).cloned();
+        let Some(config) = pool else {
+            let address = spawn(opts, &grouping, Vec::new()).await?;
+            std::fs::write(bundle.join("address"), &address)
+                .map_err(|e| Error::Other(format!("write address: {e}")))?;
+            return Ok(address);
+        };
+        // The warm pool (pool.rs): a new sandbox goes to a ready standby; a sandbox whose
+        // shim is already up is served by it, as without a pool.
+        let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &grouping);
+        let live = tokio::net::UnixStream::connect(address.trim_start_matches("unix://"))
+            .await
+            .is_ok();
+        let misfit = (!live)
+            .then(|| crate::pool::misfit(&config, &bundle, &opts.id))
+            .flatten();
+        if let Some(why) = &misfit {
+            log::debug!("sandbox of {}: no standby VM: {why}", opts.id);
+        }
+        let claimed = if live || misfit.is_some() {
+            false
+        } else {
+            let (c, msg) = (config.clone(), crate::pool::Claim::new(&opts, &address, &bundle));
+            tokio::task::spawn_blocking(move || crate::pool::claim(&c, &msg))
+                .await
+                .unwrap_or(false)
+        };
+        let address = if claimed {
+            address
+        } else {
+            spawn(opts, &grouping, Vec::new()).await?
+        };
+        // In the background of containerd's next steps: it waits for this process only.
+        let refill = tokio::task::spawn_blocking(move || crate::pool::refill(&config));
+        let _ = refill.await;
         std::fs::write(bundle.join("address"), &address).map_err(|e| Error::Other(format!("write address: {e}")))?;
         Ok(address)
     }

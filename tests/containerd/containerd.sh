@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A private containerd for vmbox: its own root, state and socket under $VMBOX_CTR_DIR
 # (default /run/vmbox-containerd), never the system one.
-#   containerd.sh start | stop | address   (VMBOX_CTR_KEEP_NETNS=1 stop: for a restart)
+#   containerd.sh start | stop | address   (VMBOX_CTR_KEEP_NETNS=1 stop: for a restart;
+#   stop also stops the warm pool's standby VMs of the vmbox config in $VMBOX_CONFIG)
 # The shim is found through PATH (containerd passes its own PATH on): start puts
 # $VMBOX_SHIM_DIR (default /usr/local/bin) first.
 #
@@ -97,6 +98,10 @@ TOML
       for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
       rm -f "$dir/containerd.pid"
     fi
+    # The warm pool's standby VMs (pool.size in the vmbox config of $VMBOX_CONFIG) are
+    # no shims of containerd's: stop them too.
+    shim="${VMBOX_SHIM_DIR:-/usr/local/bin}/containerd-shim-vmbox-v2"
+    if [ -x "$shim" ]; then "$shim" pool drain >/dev/null || true; fi
     # The node netns (and the pods' veths on its bridge) outlives a restart
     # (VMBOX_CTR_KEEP_NETNS=1); a plain stop removes it.
     if [ "$cri" = 1 ] && [ "${VMBOX_CTR_KEEP_NETNS:-0}" != 1 ] && ip netns list | grep -qw "$netns"; then

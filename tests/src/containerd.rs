@@ -91,6 +91,9 @@ fn reset(dir: &Path, cri: bool) {
         .arg("stop")
         .env("VMBOX_CTR_CRI", if cri { "1" } else { "0" })
         .env("VMBOX_CTR_DIR", dir)
+        .env("VMBOX_SHIM_DIR", shim_dir())
+        // Its standby VMs, if an earlier run's config had a pool (none: nothing to stop).
+        .env("VMBOX_CONFIG", dir.join("vmbox.toml"))
         .output();
     let needle = dir.display().to_string();
     // Only the programs such a run starts: never, say, the `make` whose command line
@@ -171,6 +174,11 @@ impl Containerd {
             "containerd {action}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Stops containerd (its shims keep running) and the warm pool's standby VMs.
+    pub fn stop(&self) {
+        self.control("stop");
     }
 
     /// Stops containerd (its shims keep running) and starts it again.

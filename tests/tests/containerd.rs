@@ -670,3 +670,90 @@ fn every_host_process_of_a_sandbox_is_confined_as_documented() {
         .collect();
     assert!(left.is_empty(), "processes of the VMs' uids left: {left:?}");
 }
+
+/// The warm pool (docs/lifecycle.md): a standby VM is booted after the first start, a
+/// fitting sandbox takes it over (its directories become links to the standby's), one
+/// that does not fit boots its own and leaves the standby alone, and a standby nobody
+/// claims stops itself after `pool.idle_timeout_s`. Nothing is left behind.
+#[test]
+fn a_warm_pool_hands_a_fitting_sandbox_a_booted_vm_and_leaves_nothing() {
+    use std::time::Duration;
+    use vmbox_tests::containerd::{wait_for, Containerd};
+    let tar = containerd().dir.join("busybox.tar");
+    let c = Containerd::start_at(std::path::Path::new("/run/vmbox-pool-e2e"), false);
+    let mut config = std::fs::read_to_string(&c.config_path).unwrap();
+    config.push_str("[pool]\nsize = 1\nidle_timeout_s = 10\n");
+    std::fs::write(&c.config_path, config).unwrap();
+    ok(&c.ctr(&["image", "import", &tar.display().to_string()]), "image import");
+    let pool = c.state_dir.join("pool");
+    let ready = || -> Vec<String> {
+        std::fs::read_dir(&pool)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".sock"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    // No standby yet: the first sandbox boots its own VM, and its start fills the pool.
+    ok(
+        &c.ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "pool-first", "true"]),
+        "first run",
+    );
+    wait_for("a ready standby VM", Duration::from_secs(120), || ready().len() == 1);
+
+    // A fitting sandbox takes the standby VM over.
+    c.run_detached("pool-taken", &[], &["sleep", "100000"]);
+    let own = vmbox_config::SandboxPaths::new(&c.state_dir, "default", "pool-taken");
+    assert!(own.dir.is_symlink(), "pool-taken does not run on the standby VM");
+    let standby = own.dir.canonicalize().unwrap();
+    let out = c.ctr(&["task", "exec", "--exec-id", "e", "pool-taken", "echo", "on the standby"]);
+    assert_eq!(ok(&out, "exec in the taken-over sandbox"), "on the standby\n");
+    ok(&c.ctr(&["task", "kill", "-s", "KILL", "pool-taken"]), "kill");
+    wait_for("task delete pool-taken", Duration::from_secs(30), || {
+        c.ctr(&["task", "delete", "pool-taken"]).status.success()
+    });
+    ok(&c.ctr(&["container", "rm", "pool-taken"]), "container rm");
+    let needle = standby.display().to_string();
+    wait_for("the taken-over VM's end", Duration::from_secs(30), || {
+        !own.dir.is_symlink()
+            && !own.run_dir.is_symlink()
+            && !standby.exists()
+            && vmbox_tests::processes_mentioning(&needle).is_empty()
+    });
+
+    // One that does not fit (more memory than the standby has) boots its own VM.
+    wait_for("the pool refilled", Duration::from_secs(120), || ready().len() == 1);
+    let waiting = ready();
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--memory-limit",
+        "536870912",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "pool-big",
+        "true",
+    ]);
+    ok(&out, "a run that does not fit the standby");
+    assert_eq!(
+        ready(),
+        waiting,
+        "the standby was used by a sandbox that does not fit it"
+    );
+
+    // Unclaimed, it stops itself; nothing of any VM is left.
+    let vms = c.state_dir.join("vm");
+    wait_for("the idle standby's exit", Duration::from_secs(60), || {
+        let pool_empty = std::fs::read_dir(&pool)
+            .map(|d| d.flatten().all(|e| e.file_name() == "refill.lock"))
+            .unwrap_or(true);
+        pool_empty
+            && std::fs::read_dir(&vms).map(|mut d| d.next().is_none()).unwrap_or(true)
+            && vmbox_tests::processes_mentioning(&c.state_dir.display().to_string()).is_empty()
+    });
+    c.stop();
+}

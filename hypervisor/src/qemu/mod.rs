@@ -58,7 +58,8 @@ pub struct QemuVm {
     console: Option<Console>,
     stopped: Mutex<bool>,
     rpc_timeout: Duration,
-    cgroup: Option<crate::cgroup::HostCgroup>,
+    /// Set at start, or later by [`Vm::join_cgroup`] (a standby VM claimed by a sandbox).
+    cgroup: std::sync::Mutex<Option<crate::cgroup::HostCgroup>>,
     /// The pod network carried in, and where: the namespace and its redirected links.
     network: vmbox_network::Network,
     netns: Option<NetnsRecord>,
@@ -238,7 +239,7 @@ impl QemuVm {
     /// Makes a child started from `cmd` run in the sandbox's host cgroup from its exec
     /// on, if the sandbox has one.
     fn enter_cgroup(&self, cmd: &mut Command) -> Result<(), HypervisorError> {
-        match &self.cgroup {
+        match &*self.cgroup.lock().unwrap_or_else(|p| p.into_inner()) {
             Some(cg) => cg.enter_on_exec(cmd),
             None => Ok(()),
         }
@@ -315,7 +316,7 @@ impl QemuVm {
             console: None,
             stopped: Mutex::new(false),
             rpc_timeout: Duration::from_millis(cfg.timeouts.rpc_ms),
-            cgroup: None,
+            cgroup: std::sync::Mutex::new(None),
             network: vmbox_network::Network::default(),
             netns: None,
             netns_path: None,
@@ -328,7 +329,7 @@ impl QemuVm {
                 .map_err(HypervisorError::io("write", &file))
                 .and_then(|()| crate::cgroup::HostCgroup::create(path));
             match made {
-                Ok(cg) => vm.cgroup = Some(cg),
+                Ok(cg) => vm.cgroup = std::sync::Mutex::new(Some(cg)),
                 Err(e) => {
                     // Nothing runs yet: the run directory and any part of the cgroup go.
                     if let Err(c) = cleanup_run_dir(&dir) {
@@ -868,6 +869,30 @@ impl Vm for QemuVm {
         &self.network
     }
 
+    async fn join_cgroup(&self, path: &Path) -> Result<(), HypervisorError> {
+        if self.cgroup.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            return Err(HypervisorError::Cgroup {
+                path: path.to_path_buf(),
+                detail: format!("vm {} already runs in a host cgroup", self.name),
+            });
+        }
+        // Recorded first, as at start: a shim that dies right after still gets it removed.
+        let file = self.dir.join(CGROUP_FILE);
+        std::fs::write(&file, path.as_os_str().as_encoded_bytes()).map_err(HypervisorError::io("write", &file))?;
+        let (p, pids) = (path.to_path_buf(), self.pids());
+        let cg = tokio::task::spawn_blocking(move || {
+            let cg = crate::cgroup::HostCgroup::create(&p)?;
+            cg.adopt(&pids).map(|()| cg)
+        })
+        .await
+        .map_err(|e| HypervisorError::Cgroup {
+            path: path.to_path_buf(),
+            detail: format!("move the VM in: {e}"),
+        })??;
+        *self.cgroup.lock().unwrap_or_else(|p| p.into_inner()) = Some(cg);
+        Ok(())
+    }
+
     async fn stop(&self) {
         let mut stopped = self.stopped.lock().await;
         if *stopped {
@@ -903,7 +928,13 @@ impl Vm for QemuVm {
                 Err(e) => log::warn!("vm {}: remove the pod network redirects: {e}", self.name),
             }
         }
-        if let Some(path) = self.cgroup.as_ref().map(|c| c.path().to_path_buf()) {
+        let cgroup = self
+            .cgroup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| c.path().to_path_buf());
+        if let Some(path) = cgroup {
             let removed = tokio::task::spawn_blocking(move || crate::cgroup::HostCgroup::remove_path(&path)).await;
             match removed {
                 Ok(Ok(())) => {}
@@ -925,6 +956,17 @@ impl Vm for QemuVm {
 /// the directory. A pid is only killed if its command line still names `dir`, so a
 /// recycled pid is never hit.
 pub fn cleanup_run_dir(dir: &Path) -> Result<(), HypervisorError> {
+    // A run directory reached through a symbolic link (a standby VM's, taken over by a
+    // sandbox): the processes name the target; the link goes last.
+    if dir.is_symlink() {
+        let target = dir.canonicalize();
+        let cleaned = match target {
+            Ok(t) => cleanup_run_dir(&t),
+            Err(_) => Ok(()),
+        };
+        let _ = std::fs::remove_file(dir);
+        return cleaned;
+    }
     let pids: Vec<u32> = std::fs::read(dir.join("pids.json"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())

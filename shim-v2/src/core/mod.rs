@@ -153,6 +153,9 @@ pub struct Core {
     seams: Seams,
     state: Mutex<State>,
     starts: Semaphore,
+    /// A VM booted before this shim served containerd (a claimed standby shim's); the
+    /// first boot takes it over if the sandbox fits it, else it is stopped.
+    standby: Mutex<Option<sandbox::Standby>>,
     me: Weak<Core>,
 }
 
@@ -169,8 +172,26 @@ impl Core {
                 deleted: VecDeque::new(),
             }),
             starts: Semaphore::new(MAX_STARTS),
+            standby: Mutex::new(None),
             me: me.clone(),
         })
+    }
+
+    /// Hands the core a standby sandbox for its first boot ([`sandbox::Standby`]).
+    pub fn offer_standby(&self, s: sandbox::Standby) {
+        *self.standby.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+    }
+
+    fn take_standby(&self) -> Option<sandbox::Standby> {
+        self.standby.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Stops a standby sandbox no boot took over (the shim is exiting).
+    pub async fn discard_standby(&self) {
+        if let Some(s) = self.take_standby() {
+            log::info!("stopping the standby VM no sandbox took over");
+            s.sandbox.stop_hard().await;
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -25,7 +25,14 @@ pub struct Sandbox {
     next_stream: AtomicU64,
     /// The port-forward relay of a pod with a network namespace; dropped at stop.
     forward: std::sync::Mutex<Option<crate::forward::PortForward>>,
+    /// Symbolic links naming `layout`'s directories by this sandbox's own identity, when
+    /// it took over a standby VM ([`Sandbox::adopt`]); removed at stop.
+    aliases: Vec<std::path::PathBuf>,
 }
+
+/// The id the warm-up container of a standby VM has in the guest ([`Sandbox::warm_up`]):
+/// a leading underscore, which containerd's ids never have.
+const WARM_UP_ID: &str = "_warm-up";
 
 /// What a sandbox's VM is made of, decided from its first container's spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +46,45 @@ pub struct Shape {
     /// The booting container's host hooks: `createRuntime`/`prestart` run before the
     /// network namespace is scanned.
     pub hooks: crate::hooks::HostHooks,
+}
+
+/// A sandbox booted by a standby shim before any container asked for it (docs/lifecycle.md,
+/// "Warm pool"), with what it was booted from.
+pub struct Standby {
+    pub sandbox: Sandbox,
+    pub config: Config,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
+impl Standby {
+    /// Why a sandbox of `shape` under `config` cannot take this one over (`None`: it can).
+    /// A VM's size, network and config are fixed at its boot (microvm has no hotplug), and
+    /// hooks that run before the create must see the VMM start.
+    pub fn misfit(&self, config: &Config, shape: &Shape) -> Option<String> {
+        if *config != self.config {
+            Some("its config differs from the standby's".into())
+        } else {
+            misfit(self.vcpus, self.memory_mib, shape)
+        }
+    }
+}
+
+/// Why a sandbox of `shape` cannot run on a standby VM of `vcpus` and `memory_mib`
+/// (`None`: it can), the config aside.
+pub fn misfit(vcpus: u32, memory_mib: u32, shape: &Shape) -> Option<String> {
+    if (shape.vcpus, shape.memory_mib) != (vcpus, memory_mib) {
+        Some(format!(
+            "it needs {} vCPUs and {} MiB, the standby has {vcpus} and {memory_mib}",
+            shape.vcpus, shape.memory_mib
+        ))
+    } else if !matches!(shape.network, vmbox_oci::PodNetwork::Loopback) {
+        Some("it joins a network namespace".into())
+    } else if shape.hooks.before_create() {
+        Some("it has OCI hooks that run before the create".into())
+    } else {
+        None
+    }
 }
 
 /// Runs blocking host work off the async workers.
@@ -175,6 +221,7 @@ impl Sandbox {
                     config,
                     next_stream: AtomicU64::new(1),
                     forward: std::sync::Mutex::new(forward),
+                    aliases: Vec::new(),
                 })
             }
             Err(e) => {
@@ -184,6 +231,125 @@ impl Sandbox {
                 Err(e)
             }
         }
+    }
+
+    /// Makes a standby sandbox (booted by a standby shim, docs/lifecycle.md "Warm pool")
+    /// sandbox `id`: its VM joins the sandbox's host `cgroup`, and `target`'s directories
+    /// (where a shim that comes after a dead one looks) become links to the standby's. The
+    /// seams become the claiming shim's (its events). On failure the standby's VM is
+    /// stopped and nothing of it is left.
+    pub async fn adopt(
+        mut self,
+        seams: Seams,
+        id: Id,
+        target: &Layout,
+        cgroup: Option<&std::path::Path>,
+    ) -> Result<Sandbox, ShimError> {
+        let links = [
+            (self.layout.dir.clone(), target.dir.clone()),
+            (self.layout.run_dir.clone(), target.run_dir.clone()),
+        ];
+        let linked = blocking(move || {
+            let _setup = super::slot::HOST_SETUP.lock().unwrap_or_else(|p| p.into_inner());
+            let mut made = Vec::new();
+            for (real, link) in links {
+                let r = link
+                    .parent()
+                    .map(std::fs::create_dir_all)
+                    .unwrap_or(Ok(()))
+                    .and_then(|()| std::os::unix::fs::symlink(&real, &link));
+                if let Err(e) = r {
+                    for m in &made {
+                        let _ = std::fs::remove_file(m);
+                    }
+                    return Err(ShimError::Internal(format!(
+                        "link {} to the standby's {}: {e}",
+                        link.display(),
+                        real.display()
+                    )));
+                }
+                made.push(link);
+            }
+            Ok(made)
+        })
+        .await
+        .and_then(|r| r);
+        let joined = match (linked, cgroup) {
+            (Ok(made), Some(cg)) => {
+                self.aliases = made;
+                self.vm.join_cgroup(cg).await.map_err(ShimError::from)
+            }
+            (Ok(made), None) => {
+                self.aliases = made;
+                Ok(())
+            }
+            (Err(e), _) => Err(e),
+        };
+        if let Err(e) = joined {
+            self.stop_hard().await;
+            return Err(e);
+        }
+        log::info!("sandbox {id}: took over standby VM {} ({})", self.id, self.vm.name());
+        self.id = id;
+        self.seams = seams;
+        Ok(self)
+    }
+
+    /// Runs one throw-away container through create, start and remove, so the guest's
+    /// code for them is in memory (and, under TCG, translated) before a real one comes:
+    /// the standby's part of docs/lifecycle.md "Warm pool". Its rootfs is empty, so its
+    /// start fails by design; every failure is logged and ignored. Bounded by `limit`.
+    pub async fn warm_up(&self, limit: Duration) {
+        let rootfs = self.layout.container_dir(WARM_UP_ID).join("rootfs");
+        let made = {
+            // An empty executable as the spec's `sh`: the create finds its process (runc
+            // and libcontainer check that), the start's exec fails with ENOEXEC.
+            let r = rootfs.clone();
+            blocking(move || {
+                use std::os::unix::fs::PermissionsExt;
+                let sh = r.join("bin/sh");
+                std::fs::create_dir_all(r.join("bin"))?;
+                std::fs::write(&sh, b"")?;
+                std::fs::set_permissions(&sh, std::fs::Permissions::from_mode(0o755))
+            })
+            .await
+        };
+        if !matches!(made, Ok(Ok(()))) {
+            return log::warn!("warm-up: cannot create {}", rootfs.display());
+        }
+        let Ok(id) = Id::parse("id", WARM_UP_ID) else { return };
+        let run = async {
+            let spec = oci_spec::runtime::Spec::default();
+            let guest = vmbox_oci::to_guest(&spec, WARM_UP_ID, &vmbox_oci::Annotations::default())?;
+            let oci_spec = serde_json::to_vec(&guest.spec)
+                .map_err(|e| ShimError::Internal(format!("encode the warm-up spec: {e}")))?;
+            let created = self
+                .agent
+                .create(crate::agent::GuestContainer {
+                    id: id.clone(),
+                    oci_spec,
+                    rootfs: format!("{WARM_UP_ID}/rootfs"),
+                    stdio: Default::default(),
+                    pod: None,
+                })
+                .await;
+            let started = match &created {
+                Ok(_) => self.agent.start(&id).await.map(|_| ()),
+                Err(_) => Ok(()),
+            };
+            let removed = self.agent.remove(&id, true).await;
+            log::debug!(
+                "warm-up: create {:?}, start {started:?}, remove {removed:?}",
+                created.map(|_| ())
+            );
+            Ok::<(), ShimError>(())
+        };
+        match tokio::time::timeout(limit, run).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::warn!("warm-up: {e}"),
+            Err(_) => log::warn!("warm-up: not done within {limit:?}"),
+        }
+        self.remove_container_files(&id).await;
     }
 
     fn stop_forwarding(&self) {
@@ -254,7 +420,18 @@ impl Sandbox {
         self.vm.stop().await;
         let host = self.seams.host.clone();
         let dir = self.layout.dir.clone();
-        let _ = blocking(move || host.remove(&dir)).await;
+        let aliases = self.aliases.clone();
+        let _ = blocking(move || {
+            host.remove(&dir);
+            for a in aliases {
+                if let Err(e) = std::fs::remove_file(&a) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        log::warn!("remove {}: {e}", a.display());
+                    }
+                }
+            }
+        })
+        .await;
     }
 }
 

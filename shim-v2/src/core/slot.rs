@@ -110,11 +110,27 @@ impl Core {
         let (vcpus, memory_mib) = (shape.vcpus, shape.memory_mib);
         let task = tokio::spawn(async move {
             let t0 = std::time::Instant::now();
-            let booted = timing::phase(
-                &format!("sandbox={id}"),
-                "boot",
-                Sandbox::boot(seams, config, &namespace, id.clone(), layout, shape, abandoned.clone()),
-            )
+            let standby = me.upgrade().and_then(|c| c.take_standby());
+            let booted = timing::phase(&format!("sandbox={id}"), "boot", async {
+                if let Some(sb) = standby {
+                    match sb.misfit(&config, &shape) {
+                        None => {
+                            let cgroup = shape.cgroup.as_deref();
+                            match sb.sandbox.adopt(seams.clone(), id.clone(), &layout, cgroup).await {
+                                Ok(s) => return Ok(s),
+                                Err(e) => {
+                                    log::warn!("sandbox {id}: taking over the standby VM failed ({e}); booting one")
+                                }
+                            }
+                        }
+                        Some(why) => {
+                            log::info!("sandbox {id}: not on the standby VM: {why}; booting one");
+                            tokio::spawn(async move { sb.sandbox.stop_hard().await });
+                        }
+                    }
+                }
+                Sandbox::boot(seams, config, &namespace, id.clone(), layout, shape, abandoned.clone()).await
+            })
             .await;
             let Some(core) = me.upgrade() else { return };
             let outcome = match booted {

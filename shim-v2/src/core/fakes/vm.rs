@@ -26,6 +26,8 @@ pub struct FakeVm {
     peers: Mutex<Vec<tokio::net::UnixStream>>,
     /// One `eth0` when the spec named a network namespace, as QEMU's attach would find.
     pub network: vmbox_network::Network,
+    /// The host cgroup it was moved into by `join_cgroup`.
+    pub joined: Mutex<Option<PathBuf>>,
 }
 
 impl FakeVm {
@@ -95,6 +97,10 @@ impl Vm for FakeVm {
     fn network(&self) -> &vmbox_network::Network {
         &self.network
     }
+    async fn join_cgroup(&self, path: &Path) -> Result<(), HypervisorError> {
+        *self.joined.lock().unwrap() = Some(path.to_path_buf());
+        Ok(())
+    }
     async fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
         self.guest.dead.send_replace(true);
@@ -158,6 +164,9 @@ impl Vm for SharedVm {
     fn network(&self) -> &vmbox_network::Network {
         self.0.network()
     }
+    async fn join_cgroup(&self, path: &Path) -> Result<(), HypervisorError> {
+        self.0.join_cgroup(path).await
+    }
     async fn stop(&self) {
         self.0.stop().await
     }
@@ -191,6 +200,7 @@ impl Hypervisor for FakeHypervisor {
                 },
                 None => vmbox_network::Network::default(),
             },
+            joined: Mutex::new(None),
         });
         self.vms.lock().unwrap().push(vm.clone());
         Ok(Box::new(SharedVm(vm)))

@@ -2,6 +2,7 @@
 //! between requests the core must survive in `races.rs`.
 
 mod races;
+mod standby;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

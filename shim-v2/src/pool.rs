@@ -1,0 +1,617 @@
+//! The warm pool (docs/lifecycle.md, "Warm pool"; Kata's VMCache): standby shims, each a
+//! `containerd-shim-vmbox-v2 standby <sid>` process holding a VM of the default size,
+//! booted and warmed up before any container asks for one.
+//!
+//! - `start` ([`claim`]) hands a new sandbox to a ready standby: the standby binds the
+//!   socket containerd will dial, serves the Task API from then on like any shim, and
+//!   its first boot takes the VM over when the sandbox fits it ([`Standby::misfit`]).
+//!   With no standby ready, `start` spawns a shim as without a pool.
+//! - `start` also [`refill`]s: it starts standbys until `pool.size` are alive, and cleans
+//!   up after standbys that died.
+//! - A standby not claimed within `pool.idle_timeout_s`, or sent SIGTERM, stops its VM and
+//!   exits; `containerd-shim-vmbox-v2 pool drain` stops them all ([`drain`]).
+//!
+//! Files, in `<state_dir>/pool/`: `<sid>.pid` (a live standby, written by its spawner under
+//! `refill.lock`), `<sid>.sock` (it is ready for a claim), `<sid>.log` (its log until it is
+//! claimed). Its sandbox directories are those of sandbox `<sid>` in namespace
+//! [`NAMESPACE`].
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use containerd_shim::asynchronous::publisher::RemotePublisher;
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::logger::FifoLogger;
+use containerd_shim::protos::ttrpc::r#async::transport::Listener;
+use containerd_shim::protos::ttrpc::r#async::Server;
+use serde::{Deserialize, Serialize};
+use vmbox_config::Config;
+use vmbox_hypervisor::qemu::Qemu;
+use vmbox_hypervisor::Hypervisor;
+use vmbox_protocol::Id;
+
+use crate::core::sandbox::{Sandbox, Shape, Standby};
+use crate::core::seams::{layout, Seams, TtrpcConnector};
+use crate::core::Core;
+use crate::events::{Event, EventSink, Forwarder};
+use crate::mounts::SystemFs;
+use crate::task::TaskService;
+
+/// The containerd namespace standbys' sandbox directories are under. containerd's
+/// namespaces never begin with `_`, so it is never a real one.
+pub const NAMESPACE: &str = "_pool";
+/// A claim's whole exchange: connecting, the standby binding containerd's socket and
+/// serving it, its answer.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound of a claim message and of an answer, in bytes.
+const MAX_MESSAGE: u64 = 64 * 1024;
+/// Upper bound of a standby's warm-up container run.
+const WARM_UP_LIMIT: Duration = Duration::from_secs(60);
+
+/// What `start` tells the standby it claims: who it is from now on (containerd's shim
+/// flags) and where containerd will dial it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claim {
+    namespace: String,
+    /// The task id `start` was run for.
+    id: String,
+    /// containerd's main socket (`-address`).
+    address: String,
+    /// containerd's ttrpc socket, for events.
+    ttrpc_address: String,
+    /// The socket to serve the Task API on (`unix://...`, from `socket_address`).
+    socket: String,
+    debug: bool,
+    /// The bundle `start` was run in: the standby's working directory from then on (the
+    /// `log` FIFO, the `address` file).
+    bundle: PathBuf,
+}
+
+impl Claim {
+    /// The claim for the sandbox `start` runs for, to be served on `socket`.
+    pub fn new(opts: &containerd_shim::StartOpts, socket: &str, bundle: &Path) -> Claim {
+        Claim {
+            namespace: opts.namespace.clone(),
+            id: opts.id.clone(),
+            address: opts.address.clone(),
+            ttrpc_address: opts.ttrpc_address.clone(),
+            socket: socket.to_string(),
+            debug: opts.debug,
+            bundle: bundle.to_path_buf(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Answer {
+    /// `None`: the standby serves the socket.
+    error: Option<String>,
+}
+
+/// `<state_dir>/pool`.
+pub fn dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("pool")
+}
+
+/// Whether `pid` is the live standby `sid` (its command line names both).
+fn is_standby(pid: u32, sid: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+            args.len() >= 3
+                && args[0].ends_with(b"containerd-shim-vmbox-v2")
+                && args[1] == b"standby"
+                && args[2] == sid.as_bytes()
+        })
+        .unwrap_or(false)
+}
+
+/// Hands the sandbox `start` was run for to a ready standby. Blocking. Returns whether
+/// one took it; a standby that fails or does not answer in time is skipped (the next is
+/// tried, then the caller spawns a shim as without a pool).
+pub fn claim(config: &Config, msg: &Claim) -> bool {
+    let pool = dir(&config.state_dir);
+    let mut ready: Vec<(std::time::SystemTime, PathBuf)> = match std::fs::read_dir(&pool) {
+        Ok(d) => d
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+            .map(|p| {
+                (
+                    p.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH),
+                    p,
+                )
+            })
+            .collect(),
+        Err(_) => return false,
+    };
+    // The longest-ready first: its warm-up is surely over.
+    ready.sort();
+    for (_, sock) in ready {
+        match claim_one(&sock, msg) {
+            Ok(()) => {
+                log::info!("sandbox of {} handed to standby {}", msg.id, sock.display());
+                return true;
+            }
+            Err(e) => log::debug!("standby {}: {e}", sock.display()),
+        }
+    }
+    false
+}
+
+fn claim_one(sock: &Path, msg: &Claim) -> std::io::Result<()> {
+    let mut s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(CLAIM_TIMEOUT))?;
+    s.set_write_timeout(Some(CLAIM_TIMEOUT))?;
+    let mut line = serde_json::to_vec(msg)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new(s.take(MAX_MESSAGE)).read_line(&mut answer)?;
+    let a: Answer = serde_json::from_str(&answer)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("answer: {e}")))?;
+    match a.error {
+        None => Ok(()),
+        Some(e) => Err(std::io::Error::other(e)),
+    }
+}
+
+/// Holds `<pool>/refill.lock` (flock) while it lives: one refill or drain at a time.
+struct PoolLock {
+    _file: std::fs::File,
+}
+
+impl PoolLock {
+    fn take(pool: &Path) -> std::io::Result<PoolLock> {
+        use std::os::fd::AsRawFd;
+        std::fs::create_dir_all(pool)?;
+        let f = std::fs::File::create(pool.join("refill.lock"))?;
+        // SAFETY: flock on an fd this function owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(PoolLock { _file: f })
+    }
+}
+
+/// The standbys recorded in `pool`: (sid, pid, alive).
+fn recorded(pool: &Path) -> Vec<(String, u32, bool)> {
+    let Ok(d) = std::fs::read_dir(pool) else {
+        return Vec::new();
+    };
+    d.flatten()
+        .filter_map(|e| {
+            let p = e.path();
+            if p.extension()? != "pid" {
+                return None;
+            }
+            let sid = p.file_stem()?.to_str()?.to_string();
+            let pid: u32 = std::fs::read_to_string(&p).ok()?.trim().parse().ok()?;
+            let alive = is_standby(pid, &sid);
+            Some((sid, pid, alive))
+        })
+        .collect()
+}
+
+/// Removes what standby `sid` left: its VM (processes, run directory), its sandbox
+/// directory and its files in the pool directory. Blocking.
+fn clean_up(config: &Config, sid: &str) {
+    let pool = dir(&config.state_dir);
+    if let Ok(id) = Id::parse("standby id", sid) {
+        if let Ok(l) = layout(&config.state_dir, NAMESPACE, &id) {
+            if let Err(e) = Qemu.cleanup(&l.run_dir) {
+                log::warn!("standby {sid}: {e}");
+            }
+            crate::mounts::unmount_and_remove(&l.dir);
+        }
+    }
+    for ext in ["sock", "log", "pid"] {
+        let _ = std::fs::remove_file(pool.join(format!("{sid}.{ext}")));
+    }
+}
+
+/// Starts standbys until `pool.size` are alive, after cleaning up after dead ones.
+/// Blocking; the standbys boot in the background, detached from the caller.
+pub fn refill(config: &Config) {
+    let pool = dir(&config.state_dir);
+    let _lock = match PoolLock::take(&pool) {
+        Ok(l) => l,
+        Err(e) => return log::warn!("pool: lock {}: {e}", pool.display()),
+    };
+    let mut alive = 0;
+    for (sid, _, live) in recorded(&pool) {
+        if live {
+            alive += 1;
+        } else {
+            log::info!("pool: standby {sid} is gone; cleaning up after it");
+            clean_up(config, &sid);
+        }
+    }
+    for _ in alive..config.pool.size {
+        if let Err(e) = spawn_standby(&pool) {
+            log::warn!("pool: start a standby: {e}");
+            break;
+        }
+    }
+}
+
+fn spawn_standby(pool: &Path) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let sid = format!("s{nanos:x}");
+    let log = std::fs::File::create(pool.join(format!("{sid}.log")))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["standby", &sid])
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    // SAFETY: setsid only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    // Recorded before the lock is let go: the next refill counts it.
+    std::fs::write(pool.join(format!("{sid}.pid")), child.id().to_string())
+}
+
+/// Stops every standby (SIGTERM: each stops its VM), waits up to 10 s for them, and
+/// cleans up after any left. Blocking. Returns how many there were.
+pub fn drain(config: &Config) -> usize {
+    let pool = dir(&config.state_dir);
+    if !pool.is_dir() {
+        return 0;
+    }
+    let _lock = PoolLock::take(&pool).ok();
+    let standbys = recorded(&pool);
+    for (_, pid, live) in &standbys {
+        if *live {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::SIGTERM);
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for (sid, pid, _) in &standbys {
+        while is_standby(*pid, sid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if is_standby(*pid, sid) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::SIGKILL);
+        }
+        clean_up(config, sid);
+    }
+    standbys.len()
+}
+
+/// Events before the claim go nowhere: a standby has no containers.
+struct NoEvents;
+
+impl EventSink for NoEvents {
+    fn publish(&self, _: Event) {}
+}
+
+/// The standby's log: its `<sid>.log` (stderr) until it is claimed, then the claiming
+/// bundle's `log` FIFO, which containerd copies into its own log.
+struct SwitchLogger(Mutex<FifoLogger>);
+
+impl log::Log for SwitchLogger {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).log(r)
+    }
+    fn flush(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}
+
+static LOGGER: std::sync::OnceLock<&'static SwitchLogger> = std::sync::OnceLock::new();
+
+fn level(name: &str, debug: bool) -> log::LevelFilter {
+    let l = name.parse().unwrap_or(log::LevelFilter::Info);
+    if debug {
+        l.max(log::LevelFilter::Debug)
+    } else {
+        l
+    }
+}
+
+/// `containerd-shim-vmbox-v2 standby <sid>`: boots and warms the standby VM, waits for a
+/// claim, then serves as the claiming sandbox's shim. Returns when the shim is done.
+pub async fn run_standby(sid: &str) {
+    let stderr = std::os::fd::AsFd::as_fd(&std::io::stderr())
+        .try_clone_to_owned()
+        .map(std::fs::File::from);
+    if let Ok(f) = stderr {
+        let logger: &'static SwitchLogger = Box::leak(Box::new(SwitchLogger(Mutex::new(FifoLogger::with_file(f)))));
+        if log::set_logger(logger).is_ok() {
+            let _ = LOGGER.set(logger);
+        }
+    }
+    let config = match Config::load() {
+        Ok(c) => c,
+        Err(e) => return log::error!("standby {sid}: {e}"),
+    };
+    log::set_max_level(level(&config.log_level, false));
+    let pool = dir(&config.state_dir);
+    let pid_file = pool.join(format!("{sid}.pid"));
+    let sock_path = pool.join(format!("{sid}.sock"));
+    let standby = match boot(&config, sid).await {
+        Ok(b) => b,
+        Err(e) => {
+            log::error!("standby {sid}: {e}");
+            return;
+        }
+    };
+    let listener = match tokio::net::UnixListener::bind(&sock_path) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("standby {sid}: listen on {}: {e}", sock_path.display());
+            standby.sandbox.stop_hard().await;
+            return;
+        }
+    };
+    log::info!("standby {sid}: ready");
+    let (Ok(mut term), Ok(mut int)) = (
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
+    ) else {
+        log::error!("standby {sid}: cannot install SIGTERM/SIGINT handlers");
+        standby.sandbox.stop_hard().await;
+        return;
+    };
+    let idle = tokio::time::sleep(Duration::from_secs(config.pool.idle_timeout_s));
+    tokio::pin!(idle);
+    let vm = standby.sandbox.vm.clone();
+    let conn = loop {
+        tokio::select! {
+            _ = term.recv() => break None,
+            _ = int.recv() => break None,
+            _ = &mut idle => {
+                log::info!("standby {sid}: not claimed within {} s", config.pool.idle_timeout_s);
+                break None;
+            }
+            exit = vm.wait() => {
+                log::warn!("standby {sid}: the VM ended ({exit:?})");
+                break None;
+            }
+            a = listener.accept() => match a {
+                Ok((c, _)) => break Some(c),
+                Err(e) => log::warn!("standby {sid}: accept: {e}"),
+            },
+        }
+    };
+    // Whatever happens now, no second claim reaches this standby.
+    drop(listener);
+    let _ = std::fs::remove_file(&sock_path);
+    let _ = std::fs::remove_file(&pid_file);
+    let Some(conn) = conn else {
+        standby.sandbox.stop_hard().await;
+        let _ = std::fs::remove_file(pool.join(format!("{sid}.log")));
+        return;
+    };
+    drop((term, int));
+    serve_claim(sid, conn, standby, &pool).await;
+}
+
+/// The shape of a standby VM: the default size, no network, no cgroup, no hooks.
+fn standby_shape(config: &Config) -> Shape {
+    let size = vmbox_oci::sizing::vm_size(
+        &oci_spec::runtime::Spec::default(),
+        &vmbox_oci::Annotations::default(),
+        &config.vm,
+        vmbox_oci::sizing::Host::probe(),
+    );
+    Shape {
+        vcpus: size.vcpus,
+        memory_mib: size.memory_mib,
+        cgroup: None,
+        network: vmbox_oci::PodNetwork::Loopback,
+        hooks: crate::hooks::HostHooks::default(),
+    }
+}
+
+/// Why the sandbox of the container in `bundle` (`config.json`) cannot run on a standby
+/// VM (`None`: it can, unless containerd's runtime options name another config, which
+/// only the Create shows). A spec that does not load is a misfit: the Create reports it.
+pub fn misfit(config: &Config, bundle: &Path, id: &str) -> Option<String> {
+    let spec = match vmbox_oci::load_spec(bundle) {
+        Ok(s) => s,
+        Err(e) => return Some(e.to_string()),
+    };
+    let ann = match vmbox_oci::Annotations::parse(spec.annotations().as_ref()) {
+        Ok(a) => a,
+        Err(e) => return Some(e.to_string()),
+    };
+    let size = vmbox_oci::sizing::vm_size(&spec, &ann, &config.vm, vmbox_oci::sizing::Host::probe());
+    let shape = Shape {
+        vcpus: size.vcpus,
+        memory_mib: size.memory_mib,
+        cgroup: None,
+        network: vmbox_oci::pod_network(&spec),
+        hooks: crate::hooks::HostHooks::of(&spec, id, bundle),
+    };
+    let own = standby_shape(config);
+    crate::core::sandbox::misfit(own.vcpus, own.memory_mib, &shape)
+}
+
+/// Boots the standby VM ([`standby_shape`]) and warms it up.
+async fn boot(config: &Config, sid: &str) -> Result<Standby, crate::error::ShimError> {
+    let id = Id::parse("standby id", sid)?;
+    let l = layout(&config.state_dir, NAMESPACE, &id)?;
+    let shape = standby_shape(config);
+    let seams = Seams {
+        hypervisor: Arc::new(Qemu),
+        agents: Arc::new(TtrpcConnector),
+        host: Arc::new(SystemFs),
+        events: Arc::new(NoEvents),
+    };
+    let t0 = std::time::Instant::now();
+    let sandbox = Sandbox::boot(
+        seams,
+        config.clone(),
+        NAMESPACE,
+        id,
+        l,
+        shape.clone(),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await?;
+    let booted = t0.elapsed();
+    sandbox.warm_up(WARM_UP_LIMIT).await;
+    log::info!(
+        "standby {sid}: VM up in {} ms, warmed up in {} ms",
+        booted.as_millis(),
+        (t0.elapsed() - booted).as_millis()
+    );
+    Ok(Standby {
+        sandbox,
+        config: config.clone(),
+        vcpus: shape.vcpus,
+        memory_mib: shape.memory_mib,
+    })
+}
+
+/// Reads the claim on `conn`, becomes the claiming sandbox's shim, answers, and serves
+/// until the shim's exit is signalled.
+async fn serve_claim(sid: &str, conn: tokio::net::UnixStream, standby: Standby, pool: &Path) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let (rd, mut wr) = conn.into_split();
+    let mut line = String::new();
+    let read = tokio::time::timeout(
+        CLAIM_TIMEOUT,
+        tokio::io::BufReader::new(rd.take(MAX_MESSAGE)).read_line(&mut line),
+    )
+    .await;
+    let claim = match read {
+        Ok(Ok(_)) => serde_json::from_str::<Claim>(&line).map_err(|e| format!("claim: {e}")),
+        Ok(Err(e)) => Err(format!("read the claim: {e}")),
+        Err(_) => Err(format!("no claim within {CLAIM_TIMEOUT:?}")),
+    };
+    let config = standby.config.clone();
+    let served = match claim {
+        Ok(c) => become_shim(sid, &c, &config).await.map(|s| (c, s)),
+        Err(e) => Err(e),
+    };
+    let (claim, (mut server, core, exit)) = match served {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("standby {sid}: claim failed: {e}");
+            let _ = tokio::time::timeout(CLAIM_TIMEOUT, wr.write_all(&answer(Some(e)))).await;
+            standby.sandbox.stop_hard().await;
+            return;
+        }
+    };
+    // Offered before the answer: containerd's Create can follow it at once.
+    core.offer_standby(standby);
+    if !matches!(
+        tokio::time::timeout(CLAIM_TIMEOUT, wr.write_all(&answer(None))).await,
+        Ok(Ok(()))
+    ) {
+        // The claimer is gone (its own deadline passed): containerd was told nothing of
+        // this socket, so nobody will use it.
+        log::warn!("standby {sid}: the claimer did not take the answer; exiting");
+        let _ = server.shutdown().await;
+        let _ = std::fs::remove_file(socket_path(&claim.socket));
+        core.discard_standby().await;
+        return;
+    }
+    let _ = std::fs::remove_file(pool.join(format!("{sid}.log")));
+    log::info!(
+        "standby {sid}: serving sandbox of {} in namespace {}",
+        claim.id,
+        claim.namespace
+    );
+    exit.wait().await;
+    // As the crate's own shims do: gone within EXIT_DEADLINE whatever peers do.
+    let id = claim.id.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(crate::EXIT_DEADLINE);
+        log::warn!(
+            "shim {id}: still running {:?} after exit was signalled; exiting",
+            crate::EXIT_DEADLINE
+        );
+        std::process::exit(0);
+    });
+    core.discard_standby().await;
+    let _ = server.shutdown().await;
+    let _ = std::fs::remove_file(socket_path(&claim.socket));
+}
+
+/// An answer line.
+fn answer(error: Option<String>) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec(&Answer { error }).unwrap_or_default();
+    bytes.push(b'\n');
+    bytes
+}
+
+fn socket_path(address: &str) -> &str {
+    address.strip_prefix("unix://").unwrap_or(address)
+}
+
+/// What a claimed standby serves with: its ttrpc server, core and exit signal.
+type Serving = (Server, Arc<Core>, Arc<ExitSignal>);
+
+/// Takes the claim's identity: the bundle as working directory, its `log` FIFO as the
+/// log, containerd's ttrpc socket for events, and the Task API served on the claim's
+/// socket. The standby VM is not offered to the core yet (the caller does it once the
+/// claimer has the answer).
+async fn become_shim(sid: &str, c: &Claim, config: &Config) -> Result<Serving, String> {
+    let ns = Id::parse("namespace", &c.namespace).map_err(|e| e.to_string())?;
+    Id::parse("id", &c.id).map_err(|e| e.to_string())?;
+    let path = socket_path(&c.socket).to_string();
+    if !path.starts_with(containerd_shim::SOCKET_ROOT) || !c.bundle.is_absolute() {
+        return Err(format!(
+            "socket {} or bundle {} is not one containerd makes",
+            c.socket,
+            c.bundle.display()
+        ));
+    }
+    std::env::set_current_dir(&c.bundle).map_err(|e| format!("chdir {}: {e}", c.bundle.display()))?;
+    match FifoLogger::with_path("log") {
+        Ok(l) => {
+            if let Some(s) = LOGGER.get() {
+                *s.0.lock().unwrap_or_else(|p| p.into_inner()) = l;
+            }
+        }
+        Err(e) => log::warn!("standby {sid}: open {}/log: {e}", c.bundle.display()),
+    }
+    log::set_max_level(level(&config.log_level, c.debug));
+    let publisher = RemotePublisher::new(&c.ttrpc_address)
+        .await
+        .map_err(|e| format!("events to {}: {e}", c.ttrpc_address))?;
+    let seams = Seams {
+        hypervisor: Arc::new(Qemu),
+        agents: Arc::new(TtrpcConnector),
+        host: Arc::new(SystemFs),
+        events: Arc::new(Forwarder::start(publisher, ns.to_string())),
+    };
+    let core = Core::new(Ok(config.clone()), ns.as_str(), seams);
+    let exit = Arc::new(ExitSignal::default());
+    crate::signals::graceful_on_sigterm(core.clone(), exit.clone());
+    let task: Box<dyn containerd_shim::protos::shim_async::Task + Send + Sync> =
+        Box::new(TaskService::new(core.clone(), exit.clone()));
+    let service = containerd_shim::protos::shim_async::create_task(Arc::from(task));
+    if let Some(parent) = Path::new(&path).parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    // start found no live shim on it: a socket file left there is a dead one's.
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path).map_err(|e| format!("listen on {path}: {e}"))?;
+    let listener = Listener::try_from(listener).map_err(|e| format!("listen on {path}: {e}"))?;
+    let mut server = Server::new().add_listener(listener).register_service(service);
+    server.start().await.map_err(|e| format!("serve {path}: {e}"))?;
+    Ok((server, core, exit))
+}
