@@ -168,7 +168,10 @@ struct PoolLock {
 impl PoolLock {
     fn take(pool: &Path) -> std::io::Result<PoolLock> {
         use std::os::fd::AsRawFd;
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(pool)?;
+        // Only root reaches the standbys' sockets: a claim names files the standby opens.
+        std::fs::set_permissions(pool, std::fs::Permissions::from_mode(0o700))?;
         let f = std::fs::File::create(pool.join("refill.lock"))?;
         // SAFETY: flock on an fd this function owns.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
@@ -348,10 +351,14 @@ pub async fn run_standby(sid: &str) {
     let pool = dir(&config.state_dir);
     let pid_file = pool.join(format!("{sid}.pid"));
     let sock_path = pool.join(format!("{sid}.sock"));
+    let log_file = pool.join(format!("{sid}.log"));
     let standby = match boot(&config, sid).await {
         Ok(b) => b,
         Err(e) => {
             log::error!("standby {sid}: {e}");
+            // Kept for whoever wonders why the pool stays empty; one such log at most.
+            let _ = std::fs::rename(&log_file, pool.join("last-failure.log"));
+            let _ = std::fs::remove_file(&pid_file);
             return;
         }
     };
@@ -388,7 +395,8 @@ pub async fn run_standby(sid: &str) {
                 break None;
             }
             a = listener.accept() => match a {
-                Ok((c, _)) => break Some(c),
+                Ok((c, _)) if c.peer_cred().is_ok_and(|p| p.uid() == nix::unistd::geteuid().as_raw()) => break Some(c),
+                Ok(_) => log::warn!("standby {sid}: a claim from another user refused"),
                 Err(e) => log::warn!("standby {sid}: accept: {e}"),
             },
         }
@@ -399,11 +407,12 @@ pub async fn run_standby(sid: &str) {
     let _ = std::fs::remove_file(&pid_file);
     let Some(conn) = conn else {
         standby.sandbox.stop_hard().await;
-        let _ = std::fs::remove_file(pool.join(format!("{sid}.log")));
+        let _ = std::fs::remove_file(&log_file);
         return;
     };
     drop((term, int));
-    serve_claim(sid, conn, standby, &pool).await;
+    serve_claim(sid, conn, standby).await;
+    let _ = std::fs::remove_file(&log_file);
 }
 
 /// The shape of a standby VM: the default size, no network, no cgroup, no hooks.
@@ -486,7 +495,7 @@ async fn boot(config: &Config, sid: &str) -> Result<Standby, crate::error::ShimE
 
 /// Reads the claim on `conn`, becomes the claiming sandbox's shim, answers, and serves
 /// until the shim's exit is signalled.
-async fn serve_claim(sid: &str, conn: tokio::net::UnixStream, standby: Standby, pool: &Path) {
+async fn serve_claim(sid: &str, conn: tokio::net::UnixStream, standby: Standby) {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     let (rd, mut wr) = conn.into_split();
     let mut line = String::new();
@@ -528,7 +537,6 @@ async fn serve_claim(sid: &str, conn: tokio::net::UnixStream, standby: Standby, 
         core.discard_standby().await;
         return;
     }
-    let _ = std::fs::remove_file(pool.join(format!("{sid}.log")));
     log::info!(
         "standby {sid}: serving sandbox of {} in namespace {}",
         claim.id,
@@ -572,7 +580,7 @@ async fn become_shim(sid: &str, c: &Claim, config: &Config) -> Result<Serving, S
     let ns = Id::parse("namespace", &c.namespace).map_err(|e| e.to_string())?;
     Id::parse("id", &c.id).map_err(|e| e.to_string())?;
     let path = socket_path(&c.socket).to_string();
-    if !path.starts_with(containerd_shim::SOCKET_ROOT) || !c.bundle.is_absolute() {
+    if !path.starts_with(containerd_shim::SOCKET_ROOT) || !c.bundle.join("config.json").is_file() {
         return Err(format!(
             "socket {} or bundle {} is not one containerd makes",
             c.socket,

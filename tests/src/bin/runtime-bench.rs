@@ -1,6 +1,7 @@
 //! vmbox vs runc vs runsc (gVisor), side by side through one private containerd:
-//! `ctr run --rm` of /bin/true, `ctr task exec` latency, PSS per idle sandbox, 10
-//! sandboxes in parallel, and where vmbox's start time goes. Not a test: prints a table.
+//! `ctr run --rm` of /bin/true (vmbox also with a warm pool of one, through a containerd
+//! of its own), `ctr task exec` latency, PSS per idle sandbox, 10 sandboxes in parallel,
+//! and where vmbox's start time goes. Not a test: prints a table.
 //!
 //!   make bench            (VMBOX_BENCH_RUNS=20, VMBOX_BENCH_IDLE=5, VMBOX_BENCH_DENSITY=50
 //!                          by default)
@@ -169,6 +170,10 @@ fn pss(pid: u32) -> Pss {
 }
 
 fn cleanup(c: &Containerd, id: &str) {
+    // A `--rm` run that succeeded left nothing: no need to poll its task away.
+    if !ctr(c, &["container", "info", id]).0 {
+        return;
+    }
     let _ = ctr(c, &["task", "kill", "-s", "KILL", id]);
     for _ in 0..100 {
         if ctr(c, &["task", "delete", id]).0 {
@@ -216,6 +221,9 @@ fn main() {
             }
         }
     }
+
+    // 1b. The same with the warm pool, each run started once a standby VM is ready.
+    let pooled = pooled_runs(c, runs);
 
     // 2. exec latency, 3. PSS per idle sandbox.
     let mut exec_ms: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
@@ -318,6 +326,17 @@ fn main() {
         summary(&mut run_ms.get(n).cloned().unwrap_or_default())
     });
     row("  failures", &|n| run_fail.get(n).copied().unwrap_or(0).to_string());
+    row(
+        "`ctr run --rm` /bin/true with a warm pool, a standby VM ready (ms)",
+        &|n| match n {
+            "vmbox" => summary(&mut pooled.ms.clone()),
+            _ => "-".into(),
+        },
+    );
+    row("  failures; runs that found no standby ready", &|n| match n {
+        "vmbox" => format!("{}; {}", pooled.failures, pooled.cold),
+        _ => "-".into(),
+    });
     row("`ctr task exec` /bin/true (ms)", &|n| {
         summary(&mut exec_ms.get(n).cloned().unwrap_or_default())
     });
@@ -410,8 +429,22 @@ fn main() {
             .unwrap_or_default();
         median(&mut v)
     };
+    let pooled_ratio = {
+        let mut r = run_ms.get("runc").cloned().unwrap_or_default();
+        median(&mut pooled.ms.clone()) / median(&mut r)
+    };
     let mut targets: Vec<(&str, f64, f64)> = vec![
         ("`ctr run --rm` /bin/true, vmbox/runc median ratio", ratio(&run_ms), 6.0),
+        (
+            "  the same with a warm pool (pool.size = 1, a standby ready)",
+            pooled_ratio,
+            6.0,
+        ),
+        (
+            "  create in the guest on a standby VM (create_guest), ms",
+            pooled.create_guest,
+            60.0,
+        ),
         (
             "`ctr task exec` /bin/true, vmbox/runc median ratio",
             ratio(&exec_ms),
@@ -463,6 +496,78 @@ fn main() {
         };
         println!("| {name} | {v:.2} | <= {bound} | {met} |");
     }
+}
+
+/// What [`pooled_runs`] measured.
+struct Pooled {
+    ms: Vec<f64>,
+    failures: usize,
+    /// Runs that started without a ready standby (after waiting 120 s for one).
+    cold: usize,
+    /// Median create_guest of those runs, from the shim's timings.
+    create_guest: f64,
+}
+
+/// `runs` × `ctr run --rm /bin/true` through a containerd of its own whose vmbox config
+/// keeps a warm pool of one (`pool.size = 1`, docs/lifecycle.md); each run starts once a
+/// standby VM is ready, as a node with a pool sized for its arrival rate would find it.
+fn pooled_runs(shared: &Containerd, runs: usize) -> Pooled {
+    let c = Containerd::start_at(std::path::Path::new("/run/vmbox-bench-pool"), false);
+    let mut config = std::fs::read_to_string(&c.config_path).unwrap_or_default();
+    config.push_str("[pool]\nsize = 1\n");
+    std::fs::write(&c.config_path, config).expect("write the pool config");
+    let tar = shared.dir.join("busybox.tar").display().to_string();
+    ctr(&c, &["image", "import", &tar]);
+    let pool = c.state_dir.join("pool");
+    let ready = || {
+        std::fs::read_dir(&pool)
+            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".sock")))
+            .unwrap_or(false)
+    };
+    // The first start fills the pool.
+    ctr(
+        &c,
+        &["run", "--rm", "--runtime", RUNTIME, IMAGE, "pool-fill", "/bin/true"],
+    );
+    let mut out = Pooled {
+        ms: Vec::new(),
+        failures: 0,
+        cold: 0,
+        create_guest: f64::NAN,
+    };
+    for i in 0..runs {
+        let t = Instant::now();
+        while !ready() && t.elapsed() < Duration::from_secs(120) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !ready() {
+            out.cold += 1;
+        }
+        let id = format!("pool-{i}");
+        let (ok, d) = ctr(&c, &["run", "--rm", "--runtime", RUNTIME, IMAGE, &id, "/bin/true"]);
+        if ok {
+            out.ms.push(d.as_secs_f64() * 1000.0);
+        } else {
+            out.failures += 1;
+            cleanup(&c, &id);
+        }
+    }
+    let log = std::fs::read_to_string(c.dir.join("containerd.log")).unwrap_or_default();
+    let mut creates: Vec<f64> = log
+        .lines()
+        .filter(|l| l.contains("timing: container=pool-") && !l.contains("pool-fill"))
+        .filter_map(|l| {
+            l.split("create_guest_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    out.create_guest = median(&mut creates);
+    c.stop();
+    out
 }
 
 /// What [`density`] measured.
