@@ -382,6 +382,8 @@ pub async fn run_standby(sid: &str) {
     let idle = tokio::time::sleep(Duration::from_secs(config.pool.idle_timeout_s));
     tokio::pin!(idle);
     let vm = standby.sandbox.vm.clone();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
     let conn = loop {
         tokio::select! {
             _ = term.recv() => break None,
@@ -395,7 +397,7 @@ pub async fn run_standby(sid: &str) {
                 break None;
             }
             a = listener.accept() => match a {
-                Ok((c, _)) if c.peer_cred().is_ok_and(|p| p.uid() == nix::unistd::geteuid().as_raw()) => break Some(c),
+                Ok((c, _)) if c.peer_cred().is_ok_and(|p| p.uid() == euid) => break Some(c),
                 Ok(_) => log::warn!("standby {sid}: a claim from another user refused"),
                 Err(e) => log::warn!("standby {sid}: accept: {e}"),
             },
