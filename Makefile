@@ -103,19 +103,19 @@ bench: build guest
 	@command -v runsc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q runsc
 	VMBOX_GUEST_DIR=$(abspath $(GUEST_OUT)) VMBOX_SHIM_DIR=$(abspath target/release) VMBOX_TEST_LOG=debug \
 	  cargo run --release -q -p vmbox-tests --bin runtime-bench; \
-	  rc=$$?; VMBOX_CTR_DIR=/run/vmbox-e2e tests/containerd/containerd.sh stop; exit $$rc
+	  rc=$$?; VMBOX_CTR_DIR=/run/vmbox-e2e VMBOX_SHIM_DIR=$(abspath target/release) tests/containerd/containerd.sh stop; exit $$rc
 
 # Pod network throughput and latency, vmbox vs runc (docs/benchmarks.md).
 bench-net: build guest
 	VMBOX_GUEST_DIR=$(abspath $(GUEST_OUT)) VMBOX_SHIM_DIR=$(abspath target/release) \
 	  cargo run --release -q -p vmbox-tests --bin net-bench; \
-	  rc=$$?; VMBOX_CTR_DIR=/run/vmbox-e2e tests/containerd/containerd.sh stop; exit $$rc
+	  rc=$$?; VMBOX_CTR_DIR=/run/vmbox-e2e VMBOX_SHIM_DIR=$(abspath target/release) tests/containerd/containerd.sh stop; exit $$rc
 
 # Leak and latency soak of the containerd path (docs/benchmarks.md).
 soak: build guest
 	VMBOX_GUEST_DIR=$(abspath $(GUEST_OUT)) VMBOX_SHIM_DIR=$(abspath target/release) \
 	  cargo run --release -q -p vmbox-tests --bin soak-bench; \
-	  rc=$$?; VMBOX_CTR_DIR=/run/vmbox-e2e tests/containerd/containerd.sh stop; exit $$rc
+	  rc=$$?; VMBOX_CTR_DIR=/run/vmbox-e2e VMBOX_SHIM_DIR=$(abspath target/release) tests/containerd/containerd.sh stop; exit $$rc
 
 bench-vm: guest
 	VMBOX_GUEST_DIR=$(abspath $(GUEST_OUT)) cargo run --release -q -p vmbox-tests --bin vmbox-bench

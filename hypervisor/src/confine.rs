@@ -34,18 +34,17 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Reserves a free id of `first..first + count`, starting the search at `seed`: each id
-    /// has a lock file in `lock_dir` ([`UID_LOCK_DIR`] for VMs: one for the host, whatever
+    /// Reserves the lowest free id of `first..first + count`: each id has a lock file in `lock_dir` ([`UID_LOCK_DIR`] for VMs: one for the host, whatever
     /// the config's `state_dir`), held (flock) as long as the returned value lives. An id
     /// some process still runs as (a leftover of an earlier VM) is skipped.
     ///
     /// Errors: the lock directory cannot be made, or every id is taken.
-    pub fn reserve(lock_dir: &Path, first: u32, count: u32, seed: u64) -> Result<Identity, HypervisorError> {
+    pub fn reserve(lock_dir: &Path, first: u32, count: u32) -> Result<Identity, HypervisorError> {
         std::fs::create_dir_all(lock_dir).map_err(HypervisorError::io("create", lock_dir))?;
         let count = count.max(1);
         let busy = uids_in_use();
-        for i in 0..u64::from(count) {
-            let uid = first + ((seed.wrapping_add(i)) % u64::from(count)) as u32;
+        for i in 0..count {
+            let Some(uid) = first.checked_add(i) else { break };
             if busy.contains(&uid) {
                 continue;
             }
@@ -463,11 +462,6 @@ impl Jail {
             _ => None,
         }
     }
-
-    /// The uid (and gid) the child runs as.
-    pub fn uid(&self) -> u32 {
-        self.uid
-    }
 }
 
 /// The owner group of `dev` (for `/dev/kvm`, typically `kvm`), if it is not root's.
@@ -525,6 +519,16 @@ pub fn give(path: &Path, uid: u32) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    /// Whether this test runs as root; says it is skipped otherwise.
+    fn root_or_skip() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root {
+            eprintln!("skipped: needs root");
+        }
+        root
+    }
+
     fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("vmbox-confine-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
@@ -535,26 +539,25 @@ mod tests {
     #[test]
     fn identities_are_never_shared_and_come_back_when_dropped() {
         let d = tmp("ids");
-        let a = Identity::reserve(&d, 5000, 2, 0).unwrap();
-        let b = Identity::reserve(&d, 5000, 2, 0).unwrap();
+        let a = Identity::reserve(&d, 5000, 2).unwrap();
+        let b = Identity::reserve(&d, 5000, 2).unwrap();
         assert_ne!(a.uid, b.uid);
-        let e = Identity::reserve(&d, 5000, 2, 0).unwrap_err().to_string();
+        let e = Identity::reserve(&d, 5000, 2).unwrap_err().to_string();
         assert!(e.contains("confinement.first_uid") && e.contains("5000..5002"), "{e}");
         let freed = a.uid;
         drop(a);
-        assert_eq!(Identity::reserve(&d, 5000, 2, 0).unwrap().uid, freed);
+        assert_eq!(Identity::reserve(&d, 5000, 2).unwrap().uid, freed);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
     /// Needs root (as every VM-level test): the child is really confined.
     #[test]
     fn a_jailed_child_has_no_privilege_and_sees_only_what_it_was_given() {
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root");
+        if !root_or_skip() {
             return;
         }
         let d = tmp("jail");
-        let id = Identity::reserve(&d.join("ids"), 1_950_000_000, 16, 3).unwrap();
+        let id = Identity::reserve(&d.join("ids"), 1_950_000_000, 16).unwrap();
         let given = d.join("given");
         std::fs::write(&given, "visible\n").unwrap();
         std::fs::create_dir_all(d.join("root")).unwrap();
@@ -598,12 +601,11 @@ mod tests {
 
     #[test]
     fn a_failing_step_is_named() {
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root");
+        if !root_or_skip() {
             return;
         }
         let d = tmp("fail");
-        let id = Identity::reserve(&d.join("ids"), 1_950_000_100, 16, 0).unwrap();
+        let id = Identity::reserve(&d.join("ids"), 1_950_000_100, 16).unwrap();
         // The root mount point does not exist.
         let mut jail = Jail::new(&id, &d.join("missing"), &[], &[], &[], true).unwrap();
         let mut cmd = Command::new("/bin/true");
@@ -615,8 +617,7 @@ mod tests {
 
     #[tokio::test]
     async fn sockets_are_reached_only_directly_and_from_their_owner() {
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root");
+        if !root_or_skip() {
             return;
         }
         let d = tmp("connect");
@@ -643,8 +644,7 @@ mod tests {
 
     #[test]
     fn a_leftover_process_of_a_vm_uid_is_killed_and_its_uid_not_reused_meanwhile() {
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root");
+        if !root_or_skip() {
             return;
         }
         let d = tmp("leftover");
@@ -662,7 +662,7 @@ mod tests {
             });
         }
         let mut child = cmd.spawn().unwrap();
-        let id = Identity::reserve(&d.join("ids"), uid, 4, 0).unwrap();
+        let id = Identity::reserve(&d.join("ids"), uid, 4).unwrap();
         assert_ne!(id.uid, uid, "a uid a process still runs as is skipped");
         kill_all_of(uid).unwrap();
         let status = child.wait().unwrap();
@@ -670,7 +670,7 @@ mod tests {
             std::os::unix::process::ExitStatusExt::signal(&status),
             Some(libc::SIGKILL)
         );
-        assert_eq!(Identity::reserve(&d.join("ids"), uid, 4, 0).unwrap().uid, uid);
+        assert_eq!(Identity::reserve(&d.join("ids"), uid, 4).unwrap().uid, uid);
         assert!(kill_all_of(0).is_err());
         std::fs::remove_dir_all(&d).unwrap();
     }

@@ -44,9 +44,17 @@ use crate::task::TaskService;
 /// The containerd namespace standbys' sandbox directories are under. containerd's
 /// namespaces never begin with `_`, so it is never a real one.
 pub const NAMESPACE: &str = "_pool";
-/// A claim's whole exchange: connecting, the standby binding containerd's socket and
-/// serving it, its answer.
-const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `start` waits for standbys to take its claim, all of them together. Longer
+/// than [`BECOME_LIMIT`] plus [`CLAIM_TIMEOUT`]: a standby that answers at all answers
+/// before its claimer gives up.
+const CLAIM_DEADLINE: Duration = Duration::from_secs(15);
+/// How long a standby waits for a claim's bytes, and for its answer to be taken.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a standby may take to become the claiming sandbox's shim (log, events, the
+/// Task API served on containerd's socket).
+const BECOME_LIMIT: Duration = Duration::from_secs(5);
+/// After a standby failed to boot, no new one is started for this long.
+const FAILURE_BACKOFF: Duration = Duration::from_secs(60);
 /// Upper bound of a claim message and of an answer, in bytes.
 const MAX_MESSAGE: u64 = 64 * 1024;
 /// Upper bound of a standby's warm-up container run.
@@ -131,8 +139,13 @@ pub fn claim(config: &Config, msg: &Claim) -> bool {
     };
     // The longest-ready first: its warm-up is surely over.
     ready.sort();
+    let deadline = std::time::Instant::now() + CLAIM_DEADLINE;
     for (_, sock) in ready {
-        match claim_one(&sock, msg) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match claim_one(&sock, msg, left) {
             Ok(()) => {
                 log::info!("sandbox of {} handed to standby {}", msg.id, sock.display());
                 return true;
@@ -143,10 +156,11 @@ pub fn claim(config: &Config, msg: &Claim) -> bool {
     false
 }
 
-fn claim_one(sock: &Path, msg: &Claim) -> std::io::Result<()> {
+fn claim_one(sock: &Path, msg: &Claim, left: Duration) -> std::io::Result<()> {
+    // A unix socket's connect does not wait: it is taken or refused at once.
     let mut s = UnixStream::connect(sock)?;
-    s.set_read_timeout(Some(CLAIM_TIMEOUT))?;
-    s.set_write_timeout(Some(CLAIM_TIMEOUT))?;
+    s.set_read_timeout(Some(left))?;
+    s.set_write_timeout(Some(left))?;
     let mut line = serde_json::to_vec(msg)?;
     line.push(b'\n');
     s.write_all(&line)?;
@@ -166,7 +180,8 @@ struct PoolLock {
 }
 
 impl PoolLock {
-    fn take(pool: &Path) -> std::io::Result<PoolLock> {
+    /// Takes the lock; without `wait`, fails with `WouldBlock` when it is held.
+    fn take(pool: &Path, wait: bool) -> std::io::Result<PoolLock> {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(pool)?;
@@ -174,28 +189,51 @@ impl PoolLock {
         std::fs::set_permissions(pool, std::fs::Permissions::from_mode(0o700))?;
         let f = std::fs::File::create(pool.join("refill.lock"))?;
         // SAFETY: flock on an fd this function owns.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        let how = if wait {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_EX | libc::LOCK_NB
+        };
+        if unsafe { libc::flock(f.as_raw_fd(), how) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
         Ok(PoolLock { _file: f })
     }
 }
 
-/// The standbys recorded in `pool`: (sid, pid, alive).
-fn recorded(pool: &Path) -> Vec<(String, u32, bool)> {
+/// A standby as its files in the pool directory record it.
+struct Recorded {
+    sid: String,
+    pid: u32,
+    /// `<sid>.claimed` rather than `<sid>.pid`: it serves a sandbox now. Until the
+    /// sandbox's first boot links its directories to the standby's, this file is the only
+    /// record of the VM; a claimed standby that died is cleaned up like a standby.
+    claimed: bool,
+    alive: bool,
+}
+
+/// The standbys (and claimed standbys) recorded in `pool`.
+fn recorded(pool: &Path) -> Vec<Recorded> {
     let Ok(d) = std::fs::read_dir(pool) else {
         return Vec::new();
     };
     d.flatten()
         .filter_map(|e| {
             let p = e.path();
-            if p.extension()? != "pid" {
-                return None;
-            }
+            let claimed = match p.extension()?.to_str()? {
+                "pid" => false,
+                "claimed" => true,
+                _ => return None,
+            };
             let sid = p.file_stem()?.to_str()?.to_string();
             let pid: u32 = std::fs::read_to_string(&p).ok()?.trim().parse().ok()?;
             let alive = is_standby(pid, &sid);
-            Some((sid, pid, alive))
+            Some(Recorded {
+                sid,
+                pid,
+                claimed,
+                alive,
+            })
         })
         .collect()
 }
@@ -212,27 +250,40 @@ fn clean_up(config: &Config, sid: &str) {
             crate::mounts::unmount_and_remove(&l.dir);
         }
     }
-    for ext in ["sock", "log", "pid"] {
+    for ext in ["sock", "log", "pid", "claimed"] {
         let _ = std::fs::remove_file(pool.join(format!("{sid}.{ext}")));
     }
 }
 
 /// Starts standbys until `pool.size` are alive, after cleaning up after dead ones.
 /// Blocking; the standbys boot in the background, detached from the caller.
+///
+/// It never waits: while another refill or a drain holds the pool's lock, it does
+/// nothing (that one counts for both); for [`FAILURE_BACKOFF`] after a standby failed to
+/// boot (`last-failure.log`), it starts none.
 pub fn refill(config: &Config) {
     let pool = dir(&config.state_dir);
-    let _lock = match PoolLock::take(&pool) {
+    let _lock = match PoolLock::take(&pool, false) {
         Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
         Err(e) => return log::warn!("pool: lock {}: {e}", pool.display()),
     };
     let mut alive = 0;
-    for (sid, _, live) in recorded(&pool) {
-        if live {
+    for r in recorded(&pool) {
+        if !r.alive {
+            log::info!("pool: standby {} is gone; cleaning up after it", r.sid);
+            clean_up(config, &r.sid);
+        } else if !r.claimed {
             alive += 1;
-        } else {
-            log::info!("pool: standby {sid} is gone; cleaning up after it");
-            clean_up(config, &sid);
         }
+    }
+    let failed_lately = std::fs::metadata(pool.join("last-failure.log"))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < FAILURE_BACKOFF);
+    if failed_lately {
+        return;
     }
     for _ in alive..config.pool.size {
         if let Err(e) = spawn_standby(&pool) {
@@ -277,22 +328,27 @@ pub fn drain(config: &Config) -> usize {
     if !pool.is_dir() {
         return 0;
     }
-    let _lock = PoolLock::take(&pool).ok();
-    let standbys = recorded(&pool);
-    for (_, pid, live) in &standbys {
-        if *live {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::SIGTERM);
+    let _lock = PoolLock::take(&pool, true).ok();
+    // Claimed ones serve sandboxes: containerd stops those.
+    let standbys: Vec<Recorded> = recorded(&pool).into_iter().filter(|r| !r.claimed).collect();
+    // Still unclaimed (its `.pid`, not yet `.claimed`), still the same process.
+    let unclaimed = |r: &Recorded| pool.join(format!("{}.pid", r.sid)).exists() && is_standby(r.pid, &r.sid);
+    for r in &standbys {
+        if unclaimed(r) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.pid as i32), nix::sys::signal::SIGTERM);
         }
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    for (sid, pid, _) in &standbys {
-        while is_standby(*pid, sid) && std::time::Instant::now() < deadline {
+    for r in &standbys {
+        while is_standby(r.pid, &r.sid) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if is_standby(*pid, sid) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::SIGKILL);
+        if !is_standby(r.pid, &r.sid) {
+            clean_up(config, &r.sid);
+        } else if unclaimed(r) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.pid as i32), nix::sys::signal::SIGKILL);
+            clean_up(config, &r.sid);
         }
-        clean_up(config, sid);
     }
     standbys.len()
 }
@@ -351,6 +407,10 @@ pub async fn run_standby(sid: &str) {
     let pool = dir(&config.state_dir);
     let pid_file = pool.join(format!("{sid}.pid"));
     let sock_path = pool.join(format!("{sid}.sock"));
+    // Its spawner records it; one started by hand records itself.
+    if !pid_file.exists() {
+        let _ = std::fs::write(&pid_file, std::process::id().to_string());
+    }
     let log_file = pool.join(format!("{sid}.log"));
     let standby = match boot(&config, sid).await {
         Ok(b) => b,
@@ -386,6 +446,9 @@ pub async fn run_standby(sid: &str) {
     let euid = unsafe { libc::geteuid() };
     let conn = loop {
         tokio::select! {
+            // A signal first: `pool drain` must never stop a standby that has just become
+            // a pod's shim.
+            biased;
             _ = term.recv() => break None,
             _ = int.recv() => break None,
             _ = &mut idle => {
@@ -406,15 +469,23 @@ pub async fn run_standby(sid: &str) {
     // Whatever happens now, no second claim reaches this standby.
     drop(listener);
     let _ = std::fs::remove_file(&sock_path);
-    let _ = std::fs::remove_file(&pid_file);
+    let claimed_file = pool.join(format!("{sid}.claimed"));
+    if conn.is_some() {
+        if let Err(e) = std::fs::rename(&pid_file, &claimed_file) {
+            log::warn!("standby {sid}: record the claim: {e}");
+        }
+    } else {
+        let _ = std::fs::remove_file(&pid_file);
+    }
     let Some(conn) = conn else {
         standby.sandbox.stop_hard().await;
         let _ = std::fs::remove_file(&log_file);
         return;
     };
     drop((term, int));
-    serve_claim(sid, conn, standby).await;
+    serve_claim(sid, conn, standby, config.pool.idle_timeout_s).await;
     let _ = std::fs::remove_file(&log_file);
+    let _ = std::fs::remove_file(&claimed_file);
 }
 
 /// The shape of a standby VM: the default size, no network, no cgroup, no hooks.
@@ -481,7 +552,11 @@ async fn boot(config: &Config, sid: &str) -> Result<Standby, crate::error::ShimE
     )
     .await?;
     let booted = t0.elapsed();
-    sandbox.warm_up(WARM_UP_LIMIT).await;
+    if let Err(e) = sandbox.warm_up(WARM_UP_LIMIT).await {
+        // A guest that cannot run a container in time is handed to nobody.
+        sandbox.stop_hard().await;
+        return Err(e);
+    }
     log::info!(
         "standby {sid}: VM up in {} ms, warmed up in {} ms",
         booted.as_millis(),
@@ -496,8 +571,9 @@ async fn boot(config: &Config, sid: &str) -> Result<Standby, crate::error::ShimE
 }
 
 /// Reads the claim on `conn`, becomes the claiming sandbox's shim, answers, and serves
-/// until the shim's exit is signalled.
-async fn serve_claim(sid: &str, conn: tokio::net::UnixStream, standby: Standby) {
+/// until the shim's exit is signalled. A standby VM that no boot takes over within
+/// `idle_timeout_s` of the claim (containerd never sent a Create) is stopped.
+async fn serve_claim(sid: &str, conn: tokio::net::UnixStream, standby: Standby, idle_timeout_s: u64) {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     let (rd, mut wr) = conn.into_split();
     let mut line = String::new();
@@ -513,10 +589,14 @@ async fn serve_claim(sid: &str, conn: tokio::net::UnixStream, standby: Standby) 
     };
     let config = standby.config.clone();
     let served = match claim {
-        Ok(c) => become_shim(sid, &c, &config).await.map(|s| (c, s)),
+        Ok(c) => match tokio::time::timeout(BECOME_LIMIT, prepare(sid, &c, &config)).await {
+            Ok(Ok(core)) => serve(&c.socket, core).await.map(|s| (c, s)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(format!("not ready to serve within {BECOME_LIMIT:?}")),
+        },
         Err(e) => Err(e),
     };
-    let (claim, (mut server, core, exit)) = match served {
+    let (claim, (mut server, socket, core, exit)) = match served {
         Ok(s) => s,
         Err(e) => {
             log::warn!("standby {sid}: claim failed: {e}");
@@ -535,7 +615,7 @@ async fn serve_claim(sid: &str, conn: tokio::net::UnixStream, standby: Standby) 
         // this socket, so nobody will use it.
         log::warn!("standby {sid}: the claimer did not take the answer; exiting");
         let _ = server.shutdown().await;
-        let _ = std::fs::remove_file(socket_path(&claim.socket));
+        socket.remove();
         core.discard_standby().await;
         return;
     }
@@ -544,6 +624,14 @@ async fn serve_claim(sid: &str, conn: tokio::net::UnixStream, standby: Standby) 
         claim.id,
         claim.namespace
     );
+    crate::signals::graceful_on_sigterm(core.clone(), exit.clone());
+    let unused = Arc::downgrade(&core);
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(idle_timeout_s)).await;
+        if let Some(core) = unused.upgrade() {
+            core.discard_standby().await;
+        }
+    });
     exit.wait().await;
     // As the crate's own shims do: gone within EXIT_DEADLINE whatever peers do.
     let id = claim.id.clone();
@@ -557,7 +645,7 @@ async fn serve_claim(sid: &str, conn: tokio::net::UnixStream, standby: Standby) 
     });
     core.discard_standby().await;
     let _ = server.shutdown().await;
-    let _ = std::fs::remove_file(socket_path(&claim.socket));
+    socket.remove();
 }
 
 /// An answer line.
@@ -571,18 +659,41 @@ fn socket_path(address: &str) -> &str {
     address.strip_prefix("unix://").unwrap_or(address)
 }
 
-/// What a claimed standby serves with: its ttrpc server, core and exit signal.
-type Serving = (Server, Arc<Core>, Arc<ExitSignal>);
+/// Whether `path` is a shim socket as containerd-shim's `socket_address` names them:
+/// `<SOCKET_ROOT>/s/<sha256 in hex>`.
+fn is_shim_socket(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    path.parent() == Some(&Path::new(containerd_shim::SOCKET_ROOT).join("s"))
+        && (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The socket file this process bound; removed only while it is still that file.
+struct SocketFile {
+    path: PathBuf,
+    ino: u64,
+}
+
+impl SocketFile {
+    fn remove(&self) {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// What a claimed standby serves with: its ttrpc server, socket, core and exit signal.
+type Serving = (Server, SocketFile, Arc<Core>, Arc<ExitSignal>);
 
 /// Takes the claim's identity: the bundle as working directory, its `log` FIFO as the
-/// log, containerd's ttrpc socket for events, and the Task API served on the claim's
-/// socket. The standby VM is not offered to the core yet (the caller does it once the
-/// claimer has the answer).
-async fn become_shim(sid: &str, c: &Claim, config: &Config) -> Result<Serving, String> {
+/// log, containerd's ttrpc socket for events; returns the core to serve. The standby VM
+/// is not offered to it yet (the caller does it once the Task API is served).
+async fn prepare(sid: &str, c: &Claim, config: &Config) -> Result<Arc<Core>, String> {
+    use std::os::unix::fs::OpenOptionsExt;
     let ns = Id::parse("namespace", &c.namespace).map_err(|e| e.to_string())?;
     Id::parse("id", &c.id).map_err(|e| e.to_string())?;
-    let path = socket_path(&c.socket).to_string();
-    if !path.starts_with(containerd_shim::SOCKET_ROOT) || !c.bundle.join("config.json").is_file() {
+    if !is_shim_socket(Path::new(socket_path(&c.socket))) || !c.bundle.join("config.json").is_file() {
         return Err(format!(
             "socket {} or bundle {} is not one containerd makes",
             c.socket,
@@ -590,10 +701,24 @@ async fn become_shim(sid: &str, c: &Claim, config: &Config) -> Result<Serving, S
         ));
     }
     std::env::set_current_dir(&c.bundle).map_err(|e| format!("chdir {}: {e}", c.bundle.display()))?;
-    match FifoLogger::with_path("log") {
-        Ok(l) => {
+    // containerd holds the FIFO's other end open from before `start`: with none, the
+    // open fails (ENXIO) instead of waiting. Writes then block, as the crate's shims' do.
+    let fifo = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open("log")
+        .and_then(|f| {
+            use std::os::fd::AsRawFd;
+            let fd = f.as_raw_fd();
+            let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)?;
+            let flags = nix::fcntl::OFlag::from_bits_truncate(flags) & !nix::fcntl::OFlag::O_NONBLOCK;
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+            Ok(f)
+        });
+    match fifo {
+        Ok(f) => {
             if let Some(s) = LOGGER.get() {
-                *s.0.lock().unwrap_or_else(|p| p.into_inner()) = l;
+                *s.0.lock().unwrap_or_else(|p| p.into_inner()) = FifoLogger::with_file(f);
             }
         }
         Err(e) => log::warn!("standby {sid}: open {}/log: {e}", c.bundle.display()),
@@ -608,20 +733,49 @@ async fn become_shim(sid: &str, c: &Claim, config: &Config) -> Result<Serving, S
         host: Arc::new(SystemFs),
         events: Arc::new(Forwarder::start(publisher, ns.to_string())),
     };
-    let core = Core::new(Ok(config.clone()), ns.as_str(), seams);
+    Ok(Core::new(Ok(config.clone()), ns.as_str(), seams))
+}
+
+/// Serves the Task API of `core` on containerd's `address`. A socket file already there
+/// is replaced only if nothing answers on it (as the crate's own shims do); one that
+/// answers is another shim's, and the claim fails.
+async fn serve(address: &str, core: Arc<Core>) -> Result<Serving, String> {
+    use std::os::unix::fs::MetadataExt;
+    let path = Path::new(socket_path(address));
+    if let Some(parent) = path.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let listener = match std::os::unix::net::UnixListener::bind(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(format!("{} is served by another shim", path.display()));
+            }
+            let _ = std::fs::remove_file(path);
+            std::os::unix::net::UnixListener::bind(path)
+        }
+        r => r,
+    }
+    .map_err(|e| format!("listen on {}: {e}", path.display()))?;
+    let socket = SocketFile {
+        path: path.to_path_buf(),
+        ino: std::fs::symlink_metadata(path).map(|m| m.ino()).unwrap_or(0),
+    };
     let exit = Arc::new(ExitSignal::default());
-    crate::signals::graceful_on_sigterm(core.clone(), exit.clone());
     let task: Box<dyn containerd_shim::protos::shim_async::Task + Send + Sync> =
         Box::new(TaskService::new(core.clone(), exit.clone()));
     let service = containerd_shim::protos::shim_async::create_task(Arc::from(task));
-    if let Some(parent) = Path::new(&path).parent() {
-        let _ = std::fs::create_dir_all(parent);
+    let started = match Listener::try_from(listener) {
+        Ok(l) => {
+            let mut server = Server::new().add_listener(l).register_service(service);
+            server.start().await.map(|()| server).map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    match started {
+        Ok(server) => Ok((server, socket, core, exit)),
+        Err(e) => {
+            socket.remove();
+            Err(format!("serve {}: {e}", path.display()))
+        }
     }
-    // start found no live shim on it: a socket file left there is a dead one's.
-    let _ = std::fs::remove_file(&path);
-    let listener = std::os::unix::net::UnixListener::bind(&path).map_err(|e| format!("listen on {path}: {e}"))?;
-    let listener = Listener::try_from(listener).map_err(|e| format!("listen on {path}: {e}"))?;
-    let mut server = Server::new().add_listener(listener).register_service(service);
-    server.start().await.map_err(|e| format!("serve {path}: {e}"))?;
-    Ok((server, core, exit))
 }

@@ -110,7 +110,8 @@ impl Shim for Service {
         } else {
             spawn(opts, &grouping, Vec::new()).await?
         };
-        // In the background of containerd's next steps: it waits for this process only.
+        // Before `start` answers: a refill never waits for the pool's lock, and a standby
+        // is a detached process whose boot `start` does not wait for.
         let refill = tokio::task::spawn_blocking(move || crate::pool::refill(&config));
         let _ = refill.await;
         std::fs::write(bundle.join("address"), &address).map_err(|e| Error::Other(format!("write address: {e}")))?;

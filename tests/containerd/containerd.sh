@@ -101,7 +101,7 @@ TOML
     # The warm pool's standby VMs (pool.size in the vmbox config of $VMBOX_CONFIG) are
     # no shims of containerd's: stop them too.
     shim="${VMBOX_SHIM_DIR:-/usr/local/bin}/containerd-shim-vmbox-v2"
-    if [ -x "$shim" ]; then "$shim" pool drain >/dev/null || true; fi
+    if [ -x "$shim" ]; then "$shim" pool drain >/dev/null 2>&1 || true; fi
     # The node netns (and the pods' veths on its bridge) outlives a restart
     # (VMBOX_CTR_KEEP_NETNS=1); a plain stop removes it.
     if [ "$cri" = 1 ] && [ "${VMBOX_CTR_KEEP_NETNS:-0}" != 1 ] && ip netns list | grep -qw "$netns"; then

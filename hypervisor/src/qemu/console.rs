@@ -24,7 +24,7 @@ pub const MAX_LOG_LINE: usize = 1024;
 /// this rate); the rest are counted and reported as suppressed.
 pub const LOG_LINES_PER_SEC: u32 = 50;
 
-pub use vmbox_protocol::rate::RateLimiter as LineLimiter;
+use vmbox_protocol::rate::RateLimiter;
 
 /// A bounded byte ring: pushing past its capacity drops the oldest bytes.
 #[derive(Debug, Default)]
@@ -95,7 +95,7 @@ impl Console {
         let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let total = received.clone();
         let name = name.to_string();
-        let mut limiter = LineLimiter::new(LOG_LINES_PER_SEC);
+        let mut limiter = RateLimiter::new(LOG_LINES_PER_SEC);
         let reader = tokio::spawn(async move {
             let mut line: Vec<u8> = Vec::new();
             // One connection: QEMU's. It lives as long as QEMU.
@@ -183,7 +183,7 @@ mod tests {
 
     #[test]
     fn log_lines_are_limited_to_a_burst_and_a_rate_and_the_rest_counted() {
-        let mut l = LineLimiter::new(10);
+        let mut l = RateLimiter::new(10);
         let t0 = std::time::Instant::now();
         let allowed = (0..100).filter(|_| l.allow(t0).is_some()).count();
         assert_eq!(allowed, 10, "a burst of the rate");

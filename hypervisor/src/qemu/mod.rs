@@ -281,7 +281,6 @@ impl QemuVm {
                 Path::new(crate::confine::UID_LOCK_DIR),
                 cfg.confinement.first_uid,
                 cfg.confinement.uids,
-                0,
             )?;
             crate::confine::check_readable("vm.kernel", &cfg.vm.kernel, id.uid)?;
             crate::confine::check_readable("vm.initramfs", &cfg.vm.initramfs, id.uid)?;

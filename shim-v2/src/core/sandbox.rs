@@ -62,8 +62,15 @@ impl Standby {
     /// A VM's size, network and config are fixed at its boot (microvm has no hotplug), and
     /// hooks that run before the create must see the VMM start.
     pub fn misfit(&self, config: &Config, shape: &Shape) -> Option<String> {
-        if *config != self.config {
+        // `[pool]` itself does not shape a VM: a changed pool size keeps standbys usable.
+        let same = Config {
+            pool: self.config.pool.clone(),
+            ..config.clone()
+        } == self.config;
+        if !same {
             Some("its config differs from the standby's".into())
+        } else if let Some(exit) = self.sandbox.vm.exited() {
+            Some(format!("the standby's VM has exited ({exit:?})"))
         } else {
             misfit(self.vcpus, self.memory_mib, shape)
         }
@@ -238,12 +245,14 @@ impl Sandbox {
     /// (where a shim that comes after a dead one looks) become links to the standby's. The
     /// seams become the claiming shim's (its events). On failure the standby's VM is
     /// stopped and nothing of it is left.
+    /// `abandoned` is the boot's flag: set (a shutdown came first), no link is made.
     pub async fn adopt(
         mut self,
         seams: Seams,
         id: Id,
         target: &Layout,
         cgroup: Option<&std::path::Path>,
+        abandoned: Arc<AtomicBool>,
     ) -> Result<Sandbox, ShimError> {
         let links = [
             (self.layout.dir.clone(), target.dir.clone()),
@@ -251,6 +260,9 @@ impl Sandbox {
         ];
         let linked = blocking(move || {
             let _setup = super::slot::HOST_SETUP.lock().unwrap_or_else(|p| p.into_inner());
+            if abandoned.load(Ordering::SeqCst) {
+                return Err(ShimError::FailedPrecondition("the sandbox's boot was abandoned".into()));
+            }
             let mut made = Vec::new();
             for (real, link) in links {
                 let r = link
@@ -298,8 +310,9 @@ impl Sandbox {
     /// Runs one throw-away container through create, start and remove, so the guest's
     /// code for them is in memory (and, under TCG, translated) before a real one comes:
     /// the standby's part of docs/lifecycle.md "Warm pool". Its rootfs is empty, so its
-    /// start fails by design; every failure is logged and ignored. Bounded by `limit`.
-    pub async fn warm_up(&self, limit: Duration) {
+    /// start fails by design; the agent's errors are logged and ignored. Errors: the run
+    /// did not end within `limit` (a guest that cannot run a container in time).
+    pub async fn warm_up(&self, limit: Duration) -> Result<(), ShimError> {
         let rootfs = self.layout.container_dir(WARM_UP_ID).join("rootfs");
         let made = {
             // An empty executable as the spec's `sh`: the create finds its process (runc
@@ -315,9 +328,10 @@ impl Sandbox {
             .await
         };
         if !matches!(made, Ok(Ok(()))) {
-            return log::warn!("warm-up: cannot create {}", rootfs.display());
+            log::warn!("warm-up: cannot create {}", rootfs.display());
+            return Ok(());
         }
-        let Ok(id) = Id::parse("id", WARM_UP_ID) else { return };
+        let id = Id::parse("id", WARM_UP_ID)?;
         let run = async {
             let spec = oci_spec::runtime::Spec::default();
             let guest = vmbox_oci::to_guest(&spec, WARM_UP_ID, &vmbox_oci::Annotations::default())?;
@@ -344,12 +358,18 @@ impl Sandbox {
             );
             Ok::<(), ShimError>(())
         };
-        match tokio::time::timeout(limit, run).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => log::warn!("warm-up: {e}"),
-            Err(_) => log::warn!("warm-up: not done within {limit:?}"),
-        }
+        let ran = match tokio::time::timeout(limit, run).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                log::warn!("warm-up: {e}");
+                Ok(())
+            }
+            Err(_) => Err(ShimError::Internal(format!(
+                "the warm-up container did not run within {limit:?}"
+            ))),
+        };
         self.remove_container_files(&id).await;
+        ran
     }
 
     fn stop_forwarding(&self) {

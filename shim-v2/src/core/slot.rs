@@ -116,7 +116,11 @@ impl Core {
                     match sb.misfit(&config, &shape) {
                         None => {
                             let cgroup = shape.cgroup.as_deref();
-                            match sb.sandbox.adopt(seams.clone(), id.clone(), &layout, cgroup).await {
+                            let adopted = sb
+                                .sandbox
+                                .adopt(seams.clone(), id.clone(), &layout, cgroup, abandoned.clone())
+                                .await;
+                            match adopted {
                                 Ok(s) => return Ok(s),
                                 Err(e) => {
                                     log::warn!("sandbox {id}: taking over the standby VM failed ({e}); booting one")
