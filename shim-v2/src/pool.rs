@@ -671,13 +671,27 @@ fn is_shim_socket(path: &Path) -> bool {
 /// The socket file this process bound; removed only while it is still that file.
 struct SocketFile {
     path: PathBuf,
-    ino: u64,
+    /// Inode and change time (s, ns): an inode number alone may be reused at once.
+    id: Option<(u64, i64, i64)>,
 }
 
 impl SocketFile {
-    fn remove(&self) {
+    fn identity(path: &Path) -> Option<(u64, i64, i64)> {
         use std::os::unix::fs::MetadataExt;
-        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+        std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
+    }
+
+    fn new(path: &Path) -> SocketFile {
+        SocketFile {
+            path: path.to_path_buf(),
+            id: SocketFile::identity(path),
+        }
+    }
+
+    fn remove(&self) {
+        if self.id.is_some() && SocketFile::identity(&self.path) == self.id {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -740,7 +754,6 @@ async fn prepare(sid: &str, c: &Claim, config: &Config) -> Result<Arc<Core>, Str
 /// is replaced only if nothing answers on it (as the crate's own shims do); one that
 /// answers is another shim's, and the claim fails.
 async fn serve(address: &str, core: Arc<Core>) -> Result<Serving, String> {
-    use std::os::unix::fs::MetadataExt;
     let path = Path::new(socket_path(address));
     if let Some(parent) = path.parent() {
         let _ = std::fs::create_dir_all(parent);
@@ -756,10 +769,7 @@ async fn serve(address: &str, core: Arc<Core>) -> Result<Serving, String> {
         r => r,
     }
     .map_err(|e| format!("listen on {}: {e}", path.display()))?;
-    let socket = SocketFile {
-        path: path.to_path_buf(),
-        ino: std::fs::symlink_metadata(path).map(|m| m.ino()).unwrap_or(0),
-    };
+    let socket = SocketFile::new(path);
     let exit = Arc::new(ExitSignal::default());
     let task: Box<dyn containerd_shim::protos::shim_async::Task + Send + Sync> =
         Box::new(TaskService::new(core.clone(), exit.clone()));
@@ -777,5 +787,46 @@ async fn serve(address: &str, core: Arc<Core>) -> Result<Serving, String> {
             socket.remove();
             Err(format!("serve {}: {e}", path.display()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_containerds_shim_sockets_are_served() {
+        let root = containerd_shim::SOCKET_ROOT;
+        assert!(is_shim_socket(Path::new(&format!("{root}/s/0123abcdef"))));
+        for bad in [
+            format!("{root}/s/../x"),
+            format!("{root}/../etc/s/abc"),
+            format!("{root}/s/abc/def"),
+            format!("{root}/s/"),
+            format!("{root}/s/not-hex"),
+            "/tmp/s/abc".to_string(),
+        ] {
+            assert!(!is_shim_socket(Path::new(&bad)), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_socket_file_replaced_by_another_is_left_alone() {
+        let dir = std::env::temp_dir().join(format!("vmbox-sockfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        std::fs::write(&path, b"ours").unwrap();
+        let ours = SocketFile::new(&path);
+        // Another shim's file takes its place (made while ours exists: another inode).
+        std::fs::write(dir.join("other"), b"theirs").unwrap();
+        std::fs::rename(dir.join("other"), &path).unwrap();
+        ours.remove();
+        let theirs_kept = path.exists();
+        let again = SocketFile::new(&path);
+        again.remove();
+        let ours_removed = !path.exists();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(theirs_kept, "another process's socket file was removed");
+        assert!(ours_removed, "our own socket file was left");
     }
 }

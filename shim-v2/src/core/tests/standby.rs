@@ -115,3 +115,23 @@ async fn an_unused_standby_is_stopped_when_the_shim_exits() {
     rig.core.discard_standby().await;
     assert!(rig.hv.vm(0).stopped.load(Ordering::SeqCst));
 }
+
+#[tokio::test]
+async fn a_standby_whose_vm_died_is_not_taken_over() {
+    let rig = Rig::new();
+    let (s, _) = standby(&rig, Config::default().vm.vcpus).await;
+    rig.hv.vm(0).die();
+    rig.core.offer_standby(s);
+    rig.core.create(create_req(&rig, "a")).await.unwrap();
+    assert_eq!(rig.hv.booted(), 2, "a VM of its own instead of the dead standby's");
+}
+
+#[tokio::test]
+async fn a_config_that_differs_only_in_its_pool_still_fits() {
+    let rig = Rig::new();
+    let (mut s, _) = standby(&rig, Config::default().vm.vcpus).await;
+    s.config.pool.size = 5;
+    rig.core.offer_standby(s);
+    rig.core.create(create_req(&rig, "a")).await.unwrap();
+    assert_eq!(rig.hv.booted(), 1, "the standby was not taken over");
+}
