@@ -672,9 +672,10 @@ fn every_host_process_of_a_sandbox_is_confined_as_documented() {
 }
 
 /// The warm pool (docs/lifecycle.md): a standby VM is booted after the first start, a
-/// fitting sandbox takes it over (its directories become links to the standby's), one
-/// that does not fit boots its own and leaves the standby alone, and a standby nobody
-/// claims stops itself after `pool.idle_timeout_s`. Nothing is left behind.
+/// fitting sandbox takes it over (its directories become links to the standby's), a dead
+/// claimed shim's VM is removed by containerd's `delete`, one that does not fit boots its
+/// own and leaves the standby alone, and a standby nobody claims stops itself after
+/// `pool.idle_timeout_s`. Nothing is left behind.
 #[test]
 fn a_warm_pool_hands_a_fitting_sandbox_a_booted_vm_and_leaves_nothing() {
     use std::time::Duration;
@@ -718,6 +719,32 @@ fn a_warm_pool_hands_a_fitting_sandbox_a_booted_vm_and_leaves_nothing() {
     ok(&c.ctr(&["container", "rm", "pool-taken"]), "container rm");
     let needle = standby.display().to_string();
     wait_for("the taken-over VM's end", Duration::from_secs(30), || {
+        !own.dir.is_symlink()
+            && !own.run_dir.is_symlink()
+            && !standby.exists()
+            && vmbox_tests::processes_mentioning(&needle).is_empty()
+    });
+
+    // A claimed standby's shim that dies: containerd's `delete` finds the VM through the
+    // sandbox's links and removes it; the next refill removes the claim's record.
+    wait_for("the pool refilled", Duration::from_secs(120), || ready().len() == 1);
+    c.run_detached("pool-killed", &[], &["sleep", "100000"]);
+    let own = vmbox_config::SandboxPaths::new(&c.state_dir, "default", "pool-killed");
+    let standby = own.dir.canonicalize().expect("pool-killed runs on the standby VM");
+    let sid = standby.file_name().unwrap().to_string_lossy().into_owned();
+    let shim: i32 = std::fs::read_to_string(pool.join(format!("{sid}.claimed")))
+        .expect("the claimed standby's record")
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_for("task delete pool-killed", Duration::from_secs(30), || {
+        c.ctr(&["task", "delete", "pool-killed"]).status.success()
+            || text(&c.ctr(&["task", "ls"]).stdout).lines().all(|l| !l.starts_with("pool-killed"))
+    });
+    ok(&c.ctr(&["container", "rm", "pool-killed"]), "container rm");
+    let needle = standby.display().to_string();
+    wait_for("the dead shim's VM removed", Duration::from_secs(30), || {
         !own.dir.is_symlink()
             && !own.run_dir.is_symlink()
             && !standby.exists()
