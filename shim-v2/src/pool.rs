@@ -12,8 +12,9 @@
 //!   exits; `containerd-shim-vmbox-v2 pool drain` stops them all ([`drain`]).
 //!
 //! Files, in `<state_dir>/pool/`: `<sid>.pid` (a live standby, written by its spawner under
-//! `refill.lock`), `<sid>.sock` (it is ready for a claim), `<sid>.log` (its log until it is
-//! claimed). Its sandbox directories are those of sandbox `<sid>` in namespace
+//! `refill.lock`), `<sid>.sock` (it is ready for a claim), `<sid>.claimed` (the `.pid`
+//! renamed once a claim is accepted), `<sid>.log` (its log until it is claimed),
+//! `last-failure.log`. Its sandbox directories are those of sandbox `<sid>` in namespace
 //! [`NAMESPACE`].
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -412,7 +413,32 @@ pub async fn run_standby(sid: &str) {
         let _ = std::fs::write(&pid_file, std::process::id().to_string());
     }
     let log_file = pool.join(format!("{sid}.log"));
-    let standby = match boot(&config, sid).await {
+    let (Ok(mut term), Ok(mut int)) = (
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
+    ) else {
+        return log::error!("standby {sid}: cannot install SIGTERM/SIGINT handlers");
+    };
+    let abandoned = Arc::new(AtomicBool::new(false));
+    let booted = tokio::select! {
+        b = boot(&config, sid, abandoned.clone()) => Some(b),
+        _ = term.recv() => None,
+        _ = int.recv() => None,
+    };
+    let Some(booted) = booted else {
+        // The boot's processes were killed as it was dropped; a host setup it left on a
+        // blocking thread is waited for (or kept from running); its directories go here.
+        log::info!("standby {sid}: stopped during its boot");
+        let c = config.clone();
+        let id = sid.to_string();
+        let _ = tokio::task::spawn_blocking(move || {
+            crate::core::abandon_boot(&abandoned);
+            clean_up(&c, &id)
+        })
+        .await;
+        return;
+    };
+    let standby = match booted {
         Ok(b) => b,
         Err(e) => {
             log::error!("standby {sid}: {e}");
@@ -431,14 +457,6 @@ pub async fn run_standby(sid: &str) {
         }
     };
     log::info!("standby {sid}: ready");
-    let (Ok(mut term), Ok(mut int)) = (
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
-    ) else {
-        log::error!("standby {sid}: cannot install SIGTERM/SIGINT handlers");
-        standby.sandbox.stop_hard().await;
-        return;
-    };
     let idle = tokio::time::sleep(Duration::from_secs(config.pool.idle_timeout_s));
     tokio::pin!(idle);
     let vm = standby.sandbox.vm.clone();
@@ -530,7 +548,7 @@ pub fn misfit(config: &Config, bundle: &Path, id: &str) -> Option<String> {
 }
 
 /// Boots the standby VM ([`standby_shape`]) and warms it up.
-async fn boot(config: &Config, sid: &str) -> Result<Standby, crate::error::ShimError> {
+async fn boot(config: &Config, sid: &str, abandoned: Arc<AtomicBool>) -> Result<Standby, crate::error::ShimError> {
     let id = Id::parse("standby id", sid)?;
     let l = layout(&config.state_dir, NAMESPACE, &id)?;
     let shape = standby_shape(config);
@@ -541,16 +559,7 @@ async fn boot(config: &Config, sid: &str) -> Result<Standby, crate::error::ShimE
         events: Arc::new(NoEvents),
     };
     let t0 = std::time::Instant::now();
-    let sandbox = Sandbox::boot(
-        seams,
-        config.clone(),
-        NAMESPACE,
-        id,
-        l,
-        shape.clone(),
-        Arc::new(AtomicBool::new(false)),
-    )
-    .await?;
+    let sandbox = Sandbox::boot(seams, config.clone(), NAMESPACE, id, l, shape.clone(), abandoned).await?;
     let booted = t0.elapsed();
     if let Err(e) = sandbox.warm_up(WARM_UP_LIMIT).await {
         // A guest that cannot run a container in time is handed to nobody.
@@ -808,6 +817,43 @@ mod tests {
         ] {
             assert!(!is_shim_socket(Path::new(&bad)), "{bad}");
         }
+    }
+
+    #[test]
+    fn start_sends_only_sandboxes_that_fit_a_standby() {
+        let dir = std::env::temp_dir().join(format!("vmbox-pool-fit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = Config::default();
+        let write = |spec: &oci_spec::runtime::Spec| {
+            std::fs::write(dir.join("config.json"), serde_json::to_vec(spec).unwrap()).unwrap()
+        };
+        let plain = oci_spec::runtime::Spec::default();
+        write(&plain);
+        let fits = misfit(&config, &dir, "a");
+        let mut netns = plain.clone();
+        let mut linux = netns.linux().clone().unwrap();
+        let namespaces = linux
+            .namespaces()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|mut n| {
+                if n.typ() == oci_spec::runtime::LinuxNamespaceType::Network {
+                    n.set_path(Some("/var/run/netns/cni-x".into()));
+                }
+                n
+            })
+            .collect();
+        linux.set_namespaces(Some(namespaces));
+        netns.set_linux(Some(linux));
+        write(&netns);
+        let pod = misfit(&config, &dir, "a");
+        std::fs::remove_file(dir.join("config.json")).unwrap();
+        let missing = misfit(&config, &dir, "a");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(fits, None);
+        assert!(pod.is_some_and(|w| w.contains("network namespace")));
+        assert!(missing.is_some(), "a bundle without a spec is no fit");
     }
 
     #[test]

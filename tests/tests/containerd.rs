@@ -740,7 +740,9 @@ fn a_warm_pool_hands_a_fitting_sandbox_a_booted_vm_and_leaves_nothing() {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::Signal::SIGKILL).unwrap();
     wait_for("task delete pool-killed", Duration::from_secs(30), || {
         c.ctr(&["task", "delete", "pool-killed"]).status.success()
-            || text(&c.ctr(&["task", "ls"]).stdout).lines().all(|l| !l.starts_with("pool-killed"))
+            || text(&c.ctr(&["task", "ls"]).stdout)
+                .lines()
+                .all(|l| !l.starts_with("pool-killed"))
     });
     ok(&c.ctr(&["container", "rm", "pool-killed"]), "container rm");
     let needle = standby.display().to_string();

@@ -117,6 +117,14 @@ struct State {
     deleted: VecDeque<Id>,
 }
 
+/// Marks a boot made by [`sandbox::Sandbox::boot`] with `abandoned` as abandoned once no
+/// host setup of it is running: a setup that has not started yet then does nothing.
+/// Blocking (waits for a running setup).
+pub fn abandon_boot(abandoned: &std::sync::atomic::AtomicBool) {
+    let _setup = slot::HOST_SETUP.lock().unwrap_or_else(|p| p.into_inner());
+    abandoned.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// A Create, decoded.
 #[derive(Debug, Clone)]
 pub struct CreateRequest {
