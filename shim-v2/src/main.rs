@@ -31,6 +31,16 @@ const RUNTIME: &str = "io.containerd.vmbox.v2";
 /// request stuck on the guest, a copy loop) is abandoned.
 pub const EXIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// From the moment the shim's exit was signalled: ends the process after
+/// [`EXIT_DEADLINE`] even if a server shutdown or a task still waits on a peer.
+pub fn exit_within_deadline(id: String) {
+    std::thread::spawn(move || {
+        std::thread::sleep(EXIT_DEADLINE);
+        log::warn!("shim {id}: still running {EXIT_DEADLINE:?} after exit was signalled; exiting");
+        std::process::exit(0);
+    });
+}
+
 fn main() {
     // A panic in a request handler ends that connection's tasks, which containerd sees as
     // "shim disconnected"; the shim's stderr goes nowhere, so the panic goes to its log.

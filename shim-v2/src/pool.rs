@@ -642,16 +642,8 @@ async fn serve_claim(sid: &str, conn: tokio::net::UnixStream, standby: Standby, 
         }
     });
     exit.wait().await;
-    // As the crate's own shims do: gone within EXIT_DEADLINE whatever peers do.
-    let id = claim.id.clone();
-    std::thread::spawn(move || {
-        std::thread::sleep(crate::EXIT_DEADLINE);
-        log::warn!(
-            "shim {id}: still running {:?} after exit was signalled; exiting",
-            crate::EXIT_DEADLINE
-        );
-        std::process::exit(0);
-    });
+    // As every shim: gone within EXIT_DEADLINE whatever peers do.
+    crate::exit_within_deadline(claim.id.clone());
     core.discard_standby().await;
     let _ = server.shutdown().await;
     socket.remove();

@@ -186,15 +186,7 @@ impl Shim for Service {
         self.exit.wait().await;
         // From here the process ends within EXIT_DEADLINE even if the crate's server
         // shutdown or a task waits on a peer that never answers.
-        let id = self.id.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(crate::EXIT_DEADLINE);
-            log::warn!(
-                "shim {id}: still running {:?} after exit was signalled; exiting",
-                crate::EXIT_DEADLINE
-            );
-            std::process::exit(0);
-        });
+        crate::exit_within_deadline(self.id.clone());
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {

@@ -717,12 +717,15 @@ fn a_warm_pool_hands_a_fitting_sandbox_a_booted_vm_and_leaves_nothing() {
         c.ctr(&["task", "delete", "pool-taken"]).status.success()
     });
     ok(&c.ctr(&["container", "rm", "pool-taken"]), "container rm");
-    let needle = standby.display().to_string();
-    wait_for("the taken-over VM's end", Duration::from_secs(30), || {
+    // The sandbox's links, the standby's directories and every process that names them.
+    let gone = |own: &vmbox_config::SandboxPaths, standby: &std::path::Path| {
         !own.dir.is_symlink()
             && !own.run_dir.is_symlink()
             && !standby.exists()
-            && vmbox_tests::processes_mentioning(&needle).is_empty()
+            && vmbox_tests::processes_mentioning(&standby.display().to_string()).is_empty()
+    };
+    wait_for("the taken-over VM's end", Duration::from_secs(30), || {
+        gone(&own, &standby)
     });
 
     // A claimed standby's shim that dies: containerd's `delete` finds the VM through the
@@ -745,12 +748,8 @@ fn a_warm_pool_hands_a_fitting_sandbox_a_booted_vm_and_leaves_nothing() {
                 .all(|l| !l.starts_with("pool-killed"))
     });
     ok(&c.ctr(&["container", "rm", "pool-killed"]), "container rm");
-    let needle = standby.display().to_string();
     wait_for("the dead shim's VM removed", Duration::from_secs(30), || {
-        !own.dir.is_symlink()
-            && !own.run_dir.is_symlink()
-            && !standby.exists()
-            && vmbox_tests::processes_mentioning(&needle).is_empty()
+        gone(&own, &standby)
     });
 
     // One that does not fit (more memory than the standby has) boots its own VM.
