@@ -36,10 +36,9 @@ use vmbox_hypervisor::Hypervisor;
 use vmbox_protocol::Id;
 
 use crate::core::sandbox::{Sandbox, Shape, Standby};
-use crate::core::seams::{layout, Seams, TtrpcConnector};
+use crate::core::seams::{layout, Seams};
 use crate::core::Core;
 use crate::events::{Event, EventSink, Forwarder};
-use crate::mounts::SystemFs;
 use crate::task::TaskService;
 
 /// The containerd namespace standbys' sandbox directories are under. containerd's
@@ -117,6 +116,36 @@ fn is_standby(pid: u32, sid: &str) -> bool {
                 && args[2] == sid.as_bytes()
         })
         .unwrap_or(false)
+}
+
+/// `start` with a pool: a new sandbox that fits a standby goes to a ready one; any other
+/// (or with none ready) gets a shim spawned as without a pool, and so does a sandbox whose
+/// shim is already up (the spawned process finds it and gives its address). Then the pool
+/// is refilled. Returns the address containerd dials.
+pub async fn start(
+    config: Config,
+    opts: containerd_shim::StartOpts,
+    grouping: &str,
+    bundle: &Path,
+) -> Result<String, containerd_shim::Error> {
+    let address = containerd_shim::socket_address(&opts.address, &opts.namespace, grouping);
+    let live = tokio::net::UnixStream::connect(socket_path(&address)).await.is_ok();
+    let fits = !live && misfit(&config, bundle, &opts.id).is_none();
+    let claimed = fits && {
+        let (c, msg) = (config.clone(), Claim::new(&opts, &address, bundle));
+        tokio::task::spawn_blocking(move || claim(&c, &msg))
+            .await
+            .unwrap_or(false)
+    };
+    let address = if claimed {
+        address
+    } else {
+        containerd_shim::asynchronous::spawn(opts, grouping, Vec::new()).await?
+    };
+    // Before `start` answers: a refill never waits for the pool's lock, and a standby is
+    // a detached process whose boot `start` does not wait for.
+    let _ = tokio::task::spawn_blocking(move || refill(&config)).await;
+    Ok(address)
 }
 
 /// Hands the sandbox `start` was run for to a ready standby. Blocking. Returns whether
@@ -535,13 +564,9 @@ pub fn misfit(config: &Config, bundle: &Path, id: &str) -> Option<String> {
         Ok(a) => a,
         Err(e) => return Some(e.to_string()),
     };
-    let size = vmbox_oci::sizing::vm_size(&spec, &ann, &config.vm, vmbox_oci::sizing::Host::probe());
-    let shape = Shape {
-        vcpus: size.vcpus,
-        memory_mib: size.memory_mib,
-        cgroup: None,
-        network: vmbox_oci::pod_network(&spec),
-        hooks: crate::hooks::HostHooks::of(&spec, id, bundle),
+    let shape = match Shape::of(&spec, &ann, config, id, bundle) {
+        Ok((s, _)) => s,
+        Err(e) => return Some(e.to_string()),
     };
     let own = standby_shape(config);
     crate::core::sandbox::misfit(own.vcpus, own.memory_mib, &shape)
@@ -552,12 +577,7 @@ async fn boot(config: &Config, sid: &str, abandoned: Arc<AtomicBool>) -> Result<
     let id = Id::parse("standby id", sid)?;
     let l = layout(&config.state_dir, NAMESPACE, &id)?;
     let shape = standby_shape(config);
-    let seams = Seams {
-        hypervisor: Arc::new(Qemu),
-        agents: Arc::new(TtrpcConnector),
-        host: Arc::new(SystemFs),
-        events: Arc::new(NoEvents),
-    };
+    let seams = Seams::system(Arc::new(NoEvents));
     let t0 = std::time::Instant::now();
     let sandbox = Sandbox::boot(seams, config.clone(), NAMESPACE, id, l, shape.clone(), abandoned).await?;
     let booted = t0.elapsed();
@@ -742,12 +762,7 @@ async fn prepare(sid: &str, c: &Claim, config: &Config) -> Result<Arc<Core>, Str
     let publisher = RemotePublisher::new(&c.ttrpc_address)
         .await
         .map_err(|e| format!("events to {}: {e}", c.ttrpc_address))?;
-    let seams = Seams {
-        hypervisor: Arc::new(Qemu),
-        agents: Arc::new(TtrpcConnector),
-        host: Arc::new(SystemFs),
-        events: Arc::new(Forwarder::start(publisher, ns.to_string())),
-    };
+    let seams = Seams::system(Arc::new(Forwarder::start(publisher, ns.to_string())));
     Ok(Core::new(Ok(config.clone()), ns.as_str(), seams))
 }
 

@@ -18,10 +18,9 @@ use vmbox_protocol::Id;
 
 use crate::core::process::now;
 use crate::core::sandbox::live_owner;
-use crate::core::seams::{layout, Seams, TtrpcConnector};
+use crate::core::seams::{layout, Seams};
 use crate::core::Core;
 use crate::events::Forwarder;
-use crate::mounts::SystemFs;
 use crate::task::TaskService;
 
 pub struct Service {
@@ -78,42 +77,10 @@ impl Shim for Service {
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
         let bundle = std::env::current_dir().map_err(|e| Error::Other(format!("cwd: {e}")))?;
         let grouping = sandbox_of(&bundle, &opts.id);
-        let pool = self.config.as_ref().ok().filter(|c| c.pool.size > 0).cloned();
-        let Some(config) = pool else {
-            let address = spawn(opts, &grouping, Vec::new()).await?;
-            std::fs::write(bundle.join("address"), &address)
-                .map_err(|e| Error::Other(format!("write address: {e}")))?;
-            return Ok(address);
+        let address = match self.config.as_ref().ok().filter(|c| c.pool.size > 0) {
+            Some(config) => crate::pool::start(config.clone(), opts, &grouping, &bundle).await?,
+            None => spawn(opts, &grouping, Vec::new()).await?,
         };
-        // The warm pool (pool.rs): a new sandbox goes to a ready standby; a sandbox whose
-        // shim is already up is served by it, as without a pool.
-        let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &grouping);
-        let live = tokio::net::UnixStream::connect(address.trim_start_matches("unix://"))
-            .await
-            .is_ok();
-        let misfit = (!live)
-            .then(|| crate::pool::misfit(&config, &bundle, &opts.id))
-            .flatten();
-        if let Some(why) = &misfit {
-            log::debug!("sandbox of {}: no standby VM: {why}", opts.id);
-        }
-        let claimed = if live || misfit.is_some() {
-            false
-        } else {
-            let (c, msg) = (config.clone(), crate::pool::Claim::new(&opts, &address, &bundle));
-            tokio::task::spawn_blocking(move || crate::pool::claim(&c, &msg))
-                .await
-                .unwrap_or(false)
-        };
-        let address = if claimed {
-            address
-        } else {
-            spawn(opts, &grouping, Vec::new()).await?
-        };
-        // Before `start` answers: a refill never waits for the pool's lock, and a standby
-        // is a detached process whose boot `start` does not wait for.
-        let refill = tokio::task::spawn_blocking(move || crate::pool::refill(&config));
-        let _ = refill.await;
         std::fs::write(bundle.join("address"), &address).map_err(|e| Error::Other(format!("write address: {e}")))?;
         Ok(address)
     }
@@ -193,12 +160,7 @@ impl Shim for Service {
         if let Some(ms) = process_age_ms() {
             log::debug!("timing: shim={} shim_start_ms={ms}", self.id);
         }
-        let seams = Seams {
-            hypervisor: Arc::new(Qemu),
-            agents: Arc::new(TtrpcConnector),
-            host: Arc::new(SystemFs),
-            events: Arc::new(Forwarder::start(publisher, self.namespace.clone())),
-        };
+        let seams = Seams::system(Arc::new(Forwarder::start(publisher, self.namespace.clone())));
         let core = Core::new(self.config.clone(), &self.namespace, seams);
         crate::signals::graceful_on_sigterm(core.clone(), self.exit.clone());
         TaskService::new(core, self.exit.clone())

@@ -38,16 +38,9 @@ impl Core {
         let spec = vmbox_oci::load_spec(&bundle)?;
         let ann = Annotations::parse(spec.annotations().as_ref())?;
         let guest = to_guest(&spec, req.id.as_str(), &ann)?;
-        let size = vmbox_oci::sizing::vm_size(&spec, &ann, &config.vm, vmbox_oci::sizing::Host::probe());
-        let shape = Shape {
-            vcpus: size.vcpus,
-            memory_mib: size.memory_mib,
-            cgroup: vmbox_oci::cgroup::host_cgroup(&spec)?,
-            network: vmbox_oci::pod_network(&spec),
-            hooks: crate::hooks::HostHooks::of(&spec, req.id.as_str(), &bundle),
-        };
+        let (shape, why) = Shape::of(&spec, &ann, &config, req.id.as_str(), &bundle)?;
         if ann.container_type == vmbox_oci::ContainerType::Sandbox {
-            log::info!("sandbox of {}: {}", req.id, size.why);
+            log::info!("sandbox of {}: {why}", req.id);
         }
         let terminal = req.stdio.terminal || spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
         let stdio = StdioPaths {

@@ -48,6 +48,29 @@ pub struct Shape {
     pub hooks: crate::hooks::HostHooks,
 }
 
+impl Shape {
+    /// The shape the first container of a sandbox asks for: its VM's size (under
+    /// `config`'s defaults and bounds), host cgroup, network and host hooks. Returns it
+    /// with why the size is what it is. Errors name the spec field (`linux.cgroupsPath`).
+    pub fn of(
+        spec: &oci_spec::runtime::Spec,
+        ann: &vmbox_oci::Annotations,
+        config: &Config,
+        id: &str,
+        bundle: &std::path::Path,
+    ) -> Result<(Shape, String), ShimError> {
+        let size = vmbox_oci::sizing::vm_size(spec, ann, &config.vm, vmbox_oci::sizing::Host::probe());
+        let shape = Shape {
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
+            cgroup: vmbox_oci::cgroup::host_cgroup(spec)?,
+            network: vmbox_oci::pod_network(spec),
+            hooks: crate::hooks::HostHooks::of(spec, id, bundle),
+        };
+        Ok((shape, size.why))
+    }
+}
+
 /// A sandbox booted by a standby shim before any container asked for it (docs/lifecycle.md,
 /// "Warm pool"), with what it was booted from.
 pub struct Standby {
@@ -287,15 +310,14 @@ impl Sandbox {
         .await
         .and_then(|r| r);
         let joined = match (linked, cgroup) {
-            (Ok(made), Some(cg)) => {
-                self.aliases = made;
-                self.vm.join_cgroup(cg).await.map_err(ShimError::from)
-            }
-            (Ok(made), None) => {
-                self.aliases = made;
-                Ok(())
-            }
             (Err(e), _) => Err(e),
+            (Ok(made), cg) => {
+                self.aliases = made;
+                match cg {
+                    Some(cg) => self.vm.join_cgroup(cg).await.map_err(ShimError::from),
+                    None => Ok(()),
+                }
+            }
         };
         if let Err(e) = joined {
             self.stop_hard().await;

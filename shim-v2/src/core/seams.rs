@@ -67,6 +67,18 @@ pub struct Seams {
     pub events: Arc<dyn EventSink>,
 }
 
+impl Seams {
+    /// The real parts: QEMU, the agent over ttrpc, the host's mounts, and `events`.
+    pub fn system(events: Arc<dyn EventSink>) -> Seams {
+        Seams {
+            hypervisor: Arc::new(vmbox_hypervisor::qemu::Qemu),
+            agents: Arc::new(TtrpcConnector),
+            host: Arc::new(crate::mounts::SystemFs),
+            events,
+        }
+    }
+}
+
 /// Where a sandbox's files live on the host ([`vmbox_config::layout`]).
 pub type Layout = SandboxPaths;
 

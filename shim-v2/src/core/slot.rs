@@ -1,7 +1,7 @@
 //! The sandbox slot's transitions: boot on first use (in a task of its own, no lock held
 //! across it), shutdown (graceful, or abandoning a boot), and "the last container is gone".
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -231,8 +231,7 @@ impl Core {
                 let _ = blocking(move || {
                     // Aborting the boot cannot stop a host setup already on a blocking
                     // thread: wait for it, and keep one not started yet from running.
-                    let _setup = HOST_SETUP.lock().unwrap_or_else(|p| p.into_inner());
-                    abandoned.store(true, Ordering::SeqCst);
+                    super::abandon_boot(&abandoned);
                     if let Err(e) = hv.cleanup(&layout.run_dir) {
                         log::warn!("{e}");
                     }
