@@ -61,6 +61,64 @@ pub fn choose(wanted: Accelerator, host: &HostFacts) -> (Accel, String) {
     }
 }
 
+/// The host's TSC frequency in kHz, or `None` when the host has no invariant TSC
+/// (`constant_tsc` and `nonstop_tsc` in /proc/cpuinfo), is not x86-64, or the measurement
+/// is implausible (outside 100 MHz..20 GHz).
+///
+/// Under TCG the guest's TSC is the host's (QEMU answers `rdtsc` with the host's counter),
+/// so the guest can be told its frequency (`tsc_early_khz`) instead of calibrating it
+/// against the emulated PIT, which under emulation fails about one boot in five and then
+/// costs the guest a delay-loop calibration and leaves it on the 4 ms jiffies clock.
+///
+/// Measured once per process against `CLOCK_MONOTONIC_RAW` over [`TSC_WINDOW`] (the
+/// thread sleeps meanwhile): at each end, the reading of three whose clock reads are
+/// closest together, so the error is a few tens of ppm, as good as the guest's own PIT
+/// calibration when it works. Blocks for about 5 ms on the first call.
+pub fn host_tsc_khz() -> Option<u32> {
+    static KHZ: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(|| {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+        let flags = cpuinfo.lines().find(|l| l.starts_with("flags"))?;
+        let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+        if !(has("constant_tsc") && has("nonstop_tsc")) {
+            return None;
+        }
+        let (tsc0, ns0) = tsc_and_clock()?;
+        std::thread::sleep(TSC_WINDOW);
+        let (tsc1, ns1) = tsc_and_clock()?;
+        let khz = tsc1.checked_sub(tsc0)? as u128 * 1_000_000 / ns1.checked_sub(ns0)?.max(1) as u128;
+        (100_000..=20_000_000).contains(&khz).then_some(khz as u32)
+    })
+}
+
+/// How long [`host_tsc_khz`] measures.
+pub const TSC_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// A TSC reading and the `CLOCK_MONOTONIC_RAW` time at it, in ns: of three tries, the one
+/// whose two clock reads around the `rdtsc` are closest.
+#[cfg(target_arch = "x86_64")]
+fn tsc_and_clock() -> Option<(u64, u64)> {
+    use nix::time::{clock_gettime, ClockId};
+    let ns = |t: nix::sys::time::TimeSpec| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64;
+    let mut best: Option<(u64, u64, u64)> = None;
+    for _ in 0..3 {
+        let before = ns(clock_gettime(ClockId::CLOCK_MONOTONIC_RAW).ok()?);
+        // SAFETY: rdtsc has no preconditions on x86-64.
+        let tsc = unsafe { core::arch::x86_64::_rdtsc() };
+        let after = ns(clock_gettime(ClockId::CLOCK_MONOTONIC_RAW).ok()?);
+        let gap = after.checked_sub(before)?;
+        if best.is_none_or(|(g, _, _)| gap < g) {
+            best = Some((gap, tsc, before + gap / 2));
+        }
+    }
+    best.map(|(_, tsc, at)| (tsc, at))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn tsc_and_clock() -> Option<(u64, u64)> {
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +137,31 @@ mod tests {
         assert_eq!(choose(Accelerator::Auto, &facts(true, true, true)).0, Accel::Tcg);
         assert_eq!(choose(Accelerator::Auto, &facts(true, false, false)).0, Accel::Tcg);
         assert_eq!(choose(Accelerator::Auto, &facts(false, false, true)).0, Accel::Tcg);
+    }
+
+    #[test]
+    fn the_host_tsc_frequency_is_measured_or_absent() {
+        // This host (and any CI host) has an invariant TSC between 1 and 6 GHz.
+        if let Some(khz) = host_tsc_khz() {
+            assert!((1_000_000..6_000_000).contains(&khz), "{khz} kHz");
+            // The host kernel's BogoMIPS derive from its own TSC calibration (kHz / 500).
+            let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+            let bogomips = cpuinfo
+                .lines()
+                .find(|l| l.starts_with("bogomips"))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|v| v.trim().parse::<f64>().ok());
+            if let Some(b) = bogomips {
+                let off = (f64::from(khz) - b * 500.0).abs() / f64::from(khz);
+                assert!(
+                    off < 0.01,
+                    "measured {khz} kHz, the host kernel's {b} BogoMIPS say {}",
+                    b * 500.0
+                );
+            }
+            // A second call returns the first measurement.
+            assert_eq!(host_tsc_khz(), Some(khz));
+        }
     }
 
     #[test]

@@ -122,8 +122,8 @@ pub fn qemu_args(a: &QemuArgs) -> Vec<OsString> {
     push(&["-object", &format!("memory-backend-memfd,id=mem,size={mem}M,share=on")]);
     push(&["-m", &format!("{mem}M"), "-smp", &a.vcpus.to_string()]);
     let (accel, cpu) = match (a.accel, a.tcg_cache_mib) {
-        (Accel::Tcg, 0) => ("tcg,thread=multi".to_string(), "max"),
-        (Accel::Tcg, mib) => (format!("tcg,thread=multi,tb-size={mib}"), "max"),
+        (Accel::Tcg, 0) => ("tcg,thread=multi".to_string(), TCG_CPU),
+        (Accel::Tcg, mib) => (format!("tcg,thread=multi,tb-size={mib}"), TCG_CPU),
         (Accel::Kvm, _) => ("kvm".to_string(), "host"),
     };
     push(&["-accel", &accel, "-cpu", cpu]);
@@ -182,6 +182,16 @@ pub fn qemu_args(a: &QemuArgs) -> Vec<OsString> {
     v
 }
 
+/// The guest CPU under TCG: everything QEMU can emulate except ERMS and FSRM ("fast"
+/// `rep movsb`/`rep stosb`). TCG runs every iteration of a `rep` string instruction as a
+/// translated block of its own, so the byte-wise copies and fills that the guest kernel
+/// (`clear_page_erms` on every page fault, `copy_user_enhanced_fast_string`, `memset_erms`)
+/// and glibc pick on such a CPU cost several times the qword and vector loops they use
+/// without it. `make bench-vm` runs interleaved with and without: create, start, wait and
+/// remove of `true` in a warm VM, median 263-293 -> 244-274 ms (docs/benchmarks.md).
+/// Under KVM the CPU is the host's.
+pub const TCG_CPU: &str = "max,erms=off,fsrm=off";
+
 /// Kernel parameters for a guest under TCG only (`make bench`, docs/benchmarks.md):
 /// - `nolapic_timer`: TCG has no TSC-deadline timer, so the kernel would calibrate the
 ///   local APIC timer against the PIT at every boot: 25 ticks, about 250 ms of wall time
@@ -193,17 +203,24 @@ pub fn qemu_args(a: &QemuArgs) -> Vec<OsString> {
 /// - `no_timer_check`: skips the IO-APIC timer IRQ test (about 20 ms).
 ///
 /// Under KVM none is needed: `-cpu host` exposes the TSC-deadline timer and a stable
-/// TSC, and the kernel skips all three by itself.
+/// TSC, and the kernel skips all three by itself. [`kernel_append`] adds one more under
+/// TCG when the host's TSC frequency is known: `tsc_early_khz`.
 pub const TCG_KERNEL_PARAMS: &str = "nolapic_timer tsc=reliable no_timer_check";
 
 /// The guest kernel's command line. `hostname` must already be valid
 /// ([`vmbox_protocol::valid_hostname`]); `extra` is the operator's `vm.kernel_params`.
+/// `host_tsc_khz` ([`crate::accel::host_tsc_khz`]) is passed to a TCG guest as
+/// `tsc_early_khz`: its TSC is the host's, and the guest then skips calibrating it against
+/// the emulated PIT (which fails about one boot in five under TCG, costing a delay-loop
+/// calibration and leaving the guest on the jiffies clock). Ignored under KVM, whose
+/// guest reads the frequency from kvmclock.
 pub fn kernel_append(
     log_level: &str,
     hello_port: u32,
     share: bool,
     hostname: Option<&str>,
     accel: Accel,
+    host_tsc_khz: Option<u32>,
     extra: &str,
 ) -> String {
     let quiet = log_level != "trace";
@@ -215,6 +232,9 @@ pub fn kernel_append(
     if accel == Accel::Tcg {
         append.push(' ');
         append.push_str(TCG_KERNEL_PARAMS);
+        if let Some(khz) = host_tsc_khz {
+            append.push_str(&format!(" tsc_early_khz={khz}"));
+        }
     }
     if share {
         append.push_str(&format!(" vmbox.share={SHARE_TAG}"));
@@ -294,7 +314,7 @@ mod tests {
     fn tcg_gets_its_cache_and_a_generic_cpu_kvm_the_host_cpu() {
         let v = qemu_args(&args(Accel::Tcg, VsockDevice::VhostUser(Path::new("/v")), None));
         assert_eq!(strs(&arg_after(&v, "-accel")), ["tcg,thread=multi,tb-size=64"]);
-        assert_eq!(strs(&arg_after(&v, "-cpu")), ["max"]);
+        assert_eq!(strs(&arg_after(&v, "-cpu")), ["max,erms=off,fsrm=off"]);
         let v = qemu_args(&args(Accel::Kvm, VsockDevice::VhostUser(Path::new("/v")), None));
         assert_eq!(strs(&arg_after(&v, "-accel")), ["kvm"]);
         assert_eq!(strs(&arg_after(&v, "-cpu")), ["host"]);
@@ -388,17 +408,30 @@ mod tests {
 
     #[test]
     fn the_kernel_command_line_carries_port_share_hostname_and_extras() {
-        let a = kernel_append("info", 1030, true, Some("node-1"), Accel::Kvm, "foo=bar");
+        let a = kernel_append(
+            "info",
+            1030,
+            true,
+            Some("node-1"),
+            Accel::Kvm,
+            Some(2_100_000),
+            "foo=bar",
+        );
         assert_eq!(
             a,
             "console=ttyS0 reboot=t panic=-1 quiet vmbox.log=info vmbox.hello_port=1030 vmbox.share=vmboxfs vmbox.hostname=node-1 foo=bar"
         );
-        let a = kernel_append("info", 1030, false, None, Accel::Tcg, "");
+        let a = kernel_append("info", 1030, false, None, Accel::Tcg, Some(2_099_999), "");
+        assert_eq!(
+            a,
+            "console=ttyS0 reboot=t panic=-1 quiet vmbox.log=info vmbox.hello_port=1030 nolapic_timer tsc=reliable no_timer_check tsc_early_khz=2099999"
+        );
+        let a = kernel_append("info", 1030, false, None, Accel::Tcg, None, "");
         assert_eq!(
             a,
             "console=ttyS0 reboot=t panic=-1 quiet vmbox.log=info vmbox.hello_port=1030 nolapic_timer tsc=reliable no_timer_check"
         );
-        let a = kernel_append("trace", 1024, false, None, Accel::Kvm, "");
+        let a = kernel_append("trace", 1024, false, None, Accel::Kvm, None, "");
         assert_eq!(
             a,
             "console=ttyS0 reboot=t panic=-1 vmbox.log=debug vmbox.hello_port=1024"

@@ -438,6 +438,9 @@ impl QemuVm {
             .map_err(|e| HypervisorError::io("mount a tmpfs on", &vmm_dir)(e.into()))?;
         }
         let t_daemons = Instant::now();
+        // A TCG guest is told the host's TSC frequency; measuring it (once per process,
+        // about 5 ms) overlaps the daemons' start.
+        let tsc_khz = (self.accel == Accel::Tcg).then(|| tokio::task::spawn_blocking(crate::accel::host_tsc_khz));
         // Both daemons start at once; their sockets are awaited together below.
         let mut sockets: Vec<(PathBuf, &'static str, PathBuf, usize)> = Vec::new();
         let fs_sock = vmm_dir.join("fs.sock");
@@ -516,12 +519,17 @@ impl QemuVm {
             }
             None => None,
         };
+        let host_tsc_khz = match tsc_khz {
+            Some(measuring) => measuring.await.ok().flatten(),
+            None => None,
+        };
         let append = kernel_append(
             &cfg.log_level,
             listener.port(),
             spec.shared_dir.is_some(),
             hostname,
             self.accel,
+            host_tsc_khz,
             &cfg.vm.kernel_params,
         );
         let console_sock = vmm_dir.join("con.sock");
