@@ -61,9 +61,11 @@ pub fn choose(wanted: Accelerator, host: &HostFacts) -> (Accel, String) {
     }
 }
 
-/// The host's TSC frequency in kHz, or `None` when the host has no invariant TSC
-/// (`constant_tsc` and `nonstop_tsc` in /proc/cpuinfo), is not x86-64, or the measurement
-/// is implausible (outside 100 MHz..20 GHz).
+/// The host's TSC frequency in kHz, or `None` when the host has no invariant TSC that its
+/// kernel trusts (`constant_tsc` and `nonstop_tsc` in /proc/cpuinfo, and `tsc` as the
+/// current clocksource, so the TSCs of all CPUs agree), is not x86-64, or the measurement
+/// is unreliable (a reading whose clock reads were more than [`TSC_MAX_GAP_NS`] apart,
+/// as when the thread was preempted) or implausible (outside 100 MHz..20 GHz).
 ///
 /// Under TCG the guest's TSC is the host's (QEMU answers `rdtsc` with the host's counter),
 /// so the guest can be told its frequency (`tsc_early_khz`) instead of calibrating it
@@ -80,7 +82,9 @@ pub fn host_tsc_khz() -> Option<u32> {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
         let flags = cpuinfo.lines().find(|l| l.starts_with("flags"))?;
         let has = |f: &str| flags.split_whitespace().any(|x| x == f);
-        if !(has("constant_tsc") && has("nonstop_tsc")) {
+        let clocksource =
+            std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource").ok()?;
+        if !(has("constant_tsc") && has("nonstop_tsc")) || clocksource.trim() != "tsc" {
             return None;
         }
         let (tsc0, ns0) = tsc_and_clock()?;
@@ -94,8 +98,14 @@ pub fn host_tsc_khz() -> Option<u32> {
 /// How long [`host_tsc_khz`] measures.
 pub const TSC_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// The widest gap, in ns, between the two clock reads around a TSC reading that
+/// [`host_tsc_khz`] accepts: 20 us over [`TSC_WINDOW`] bounds its error at 0.4%, and an
+/// undisturbed reading takes well under 1 us.
+pub const TSC_MAX_GAP_NS: u64 = 20_000;
+
 /// A TSC reading and the `CLOCK_MONOTONIC_RAW` time at it, in ns: of three tries, the one
-/// whose two clock reads around the `rdtsc` are closest.
+/// whose two clock reads around the `rdtsc` are closest; `None` if even those are more
+/// than [`TSC_MAX_GAP_NS`] apart.
 #[cfg(target_arch = "x86_64")]
 fn tsc_and_clock() -> Option<(u64, u64)> {
     use nix::time::{clock_gettime, ClockId};
@@ -111,7 +121,8 @@ fn tsc_and_clock() -> Option<(u64, u64)> {
             best = Some((gap, tsc, before + gap / 2));
         }
     }
-    best.map(|(_, tsc, at)| (tsc, at))
+    best.filter(|&(gap, _, _)| gap <= TSC_MAX_GAP_NS)
+        .map(|(_, tsc, at)| (tsc, at))
 }
 
 #[cfg(not(target_arch = "x86_64"))]

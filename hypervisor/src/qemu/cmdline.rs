@@ -203,7 +203,7 @@ pub const TCG_CPU: &str = "max,erms=off,fsrm=off";
 /// - `no_timer_check`: skips the IO-APIC timer IRQ test (about 20 ms).
 /// - `noreplace-smp`: a one-vCPU guest would rewrite each of the kernel's 4,000 `lock`
 ///   prefixes through `text_poke`, two address-space switches each, and every switch
-///   empties TCG's TLB: 60-150 ms of boot. Kept locks cost nothing measurable after it
+///   empties TCG's TLB: 60-175 ms of boot. Kept locks cost nothing measurable after it
 ///   (`make bench-vm` interleaved: kernel start to agent ready 727-936 -> 686-720 ms,
 ///   create+start+wait+remove 227-242 -> 218-223 ms).
 ///
