@@ -38,12 +38,17 @@ impl HostFacts {
                 .open("/dev/kvm")
                 .is_ok(),
             kvm_pvm: std::path::Path::new("/sys/module/kvm_pvm").exists(),
-            cpu_virt: cpuinfo
-                .lines()
-                .filter(|l| l.starts_with("flags"))
-                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm")),
+            cpu_virt: cpu_has(&cpuinfo, "vmx") || cpu_has(&cpuinfo, "svm"),
         }
     }
+}
+
+/// Whether a `flags` line of `cpuinfo` (the text of /proc/cpuinfo) names `flag`.
+fn cpu_has(cpuinfo: &str, flag: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == flag))
 }
 
 /// Picks the accelerator and says why.
@@ -80,11 +85,9 @@ pub fn host_tsc_khz() -> Option<u32> {
     static KHZ: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
     *KHZ.get_or_init(|| {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-        let flags = cpuinfo.lines().find(|l| l.starts_with("flags"))?;
-        let has = |f: &str| flags.split_whitespace().any(|x| x == f);
         let clocksource =
             std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource").ok()?;
-        if !(has("constant_tsc") && has("nonstop_tsc")) || clocksource.trim() != "tsc" {
+        if !(cpu_has(&cpuinfo, "constant_tsc") && cpu_has(&cpuinfo, "nonstop_tsc")) || clocksource.trim() != "tsc" {
             return None;
         }
         let (tsc0, ns0) = tsc_and_clock()?;

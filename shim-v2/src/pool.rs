@@ -130,7 +130,11 @@ pub async fn start(
 ) -> Result<String, containerd_shim::Error> {
     let address = containerd_shim::socket_address(&opts.address, &opts.namespace, grouping);
     let live = tokio::net::UnixStream::connect(socket_path(&address)).await.is_ok();
-    let fits = !live && misfit(&config, bundle, &opts.id).is_none();
+    let misfit = (!live).then(|| misfit(&config, bundle, &opts.id)).flatten();
+    if let Some(why) = &misfit {
+        log::debug!("sandbox of {}: no standby VM: {why}", opts.id);
+    }
+    let fits = !live && misfit.is_none();
     let claimed = fits && {
         let (c, msg) = (config.clone(), Claim::new(&opts, &address, bundle));
         tokio::task::spawn_blocking(move || claim(&c, &msg))
